@@ -1,0 +1,1 @@
+"""Weight import and export: PyTorch-layout tensors (diffusers, transformers, original SD) <-> Flax params."""
