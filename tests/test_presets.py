@@ -1,0 +1,53 @@
+"""The named presets are the real architectures: every param's name and shape equals the PyTorch
+reference's, built on torch's meta device (no memory, no weights)."""
+import numpy as np
+import pytest
+import torch
+
+from flax import linen as nn
+from flax import traverse_util
+
+from jaxdiff import text, unet, vae
+from jaxdiff.convert import diffusers as dconv
+from jaxdiff.convert import naming
+
+
+def _torch_shapes(kind, config):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    d = dconv.COMPONENTS[kind].config_to(config)
+    with torch.device("meta"):
+        if kind == "unet":
+            m = UNet2DConditionModel(**{k: v for k, v in d.items() if not k.startswith("_")})
+        elif kind == "vae":
+            m = AutoencoderKL(**{k: v for k, v in d.items() if not k.startswith("_")})
+        else:
+            cls = CLIPTextModelWithProjection if config.projection_dim else CLIPTextModel
+            m = cls(CLIPTextConfig(**{k: v for k, v in d.items() if k != "architectures"}))
+    return {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.endswith("position_ids")}
+
+
+@pytest.mark.parametrize("kind,module,preset", [
+    ("unet", unet, "sd15"), ("unet", unet, "sd21"), ("unet", unet, "sdxl"),
+    ("vae", vae, "sd15"), ("text_encoder", text, "sd15"), ("text_encoder", text, "sd21"),
+    ("text_encoder", text, "sdxl"),
+])
+def test_preset_matches_reference_architecture(kind, module, preset):
+    config = module.PRESETS[preset]
+    flat = traverse_util.flatten_dict(nn.unbox(dconv.abstract_params(kind, config)))
+    ours = {naming.torch_key(p): naming.to_torch_layout(p, _zeros(v.shape)).shape for p, v in flat.items()}
+    # transformers 5 drops CLIPTextModel's "text_model." prefix in memory; compare without it
+    theirs = dconv.COMPONENTS[kind].keys_in(_torch_shapes(kind, config))
+    assert ours == theirs
+
+
+def test_known_parameter_counts():
+    count = lambda kind, cfg: sum(v.size for v in traverse_util.flatten_dict(
+        nn.unbox(dconv.abstract_params(kind, cfg))).values())
+    assert count("unet", unet.PRESETS["sd15"]) == 859_520_964
+    assert count("unet", unet.PRESETS["sdxl"]) == 2_567_463_684
+    assert count("text_encoder", text.PRESETS["sd15"]) == 123_060_480
+
+
+def _zeros(shape):
+    return np.broadcast_to(np.float32(0), shape)  # a zero-stride view: shape without memory
