@@ -27,7 +27,7 @@ def conv(features: int, kernel: int = 3, *, stride: int = 1, padding: int | tupl
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype,
                    param_dtype=param_dtype, name=name,
                    kernel_init=_part(nn.initializers.lecun_normal(),
-                                     (sh.CONV_WINDOW, sh.CONV_WINDOW, sh.EMBED, sh.MLP)),
+                                     (sh.CONV_H, sh.CONV_W, sh.EMBED, sh.MLP)),
                    bias_init=_part(nn.initializers.zeros_init(), (sh.MLP,)))
 
 

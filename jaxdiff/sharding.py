@@ -27,10 +27,10 @@ MLP = "mlp"                # a layer's output or hidden width
 HEADS = "heads"            # attention heads
 KV = "kv"                  # per-head features
 VOCAB = "vocab"            # token vocabulary
-CONV_WINDOW = "conv_window"  # a convolution kernel's spatial taps
+CONV_H, CONV_W = "conv_h", "conv_w"  # a convolution kernel's spatial taps
 NORM = "norm"              # norm scales and biases
 
-LOGICAL_NAMES = (BATCH, LENGTH, HEIGHT, WIDTH, EMBED, MLP, HEADS, KV, VOCAB, CONV_WINDOW, NORM)
+LOGICAL_NAMES = (BATCH, LENGTH, HEIGHT, WIDTH, EMBED, MLP, HEADS, KV, VOCAB, CONV_H, CONV_W, NORM)
 
 _replicated = tuple((name, None) for name in LOGICAL_NAMES if name != BATCH)
 

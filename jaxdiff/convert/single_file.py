@@ -34,7 +34,9 @@ CLIP, OPENCLIP = "cond_stage_model.transformer.text_model.", "cond_stage_model.m
 
 # Tensors a training checkpoint carries that no inference model uses. Anything else unknown is an error.
 IGNORE = (
-    r"^model_ema\.",  # EMA copies (flattened names) and their decay / num_updates counters
+    # EMA copies (flattened names) and counters: model.diffusion_model.* is what loads, as in diffusers
+    # (in the "ema-only" releases those already are the EMA weights).
+    r"^model_ema\.",
     r"^(betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+)$",  # schedule
     r"^(logvar|lvlb_weights)$",
     r"^first_stage_model\.loss\.",  # the VAE's training loss (LPIPS, discriminator)

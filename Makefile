@@ -1,0 +1,33 @@
+# The two commands of the README: `make test` and `make demo`. Each sets everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup test test-all demo bench clean
+
+# torch==2.13.0 is the CPU build on local disk: installed first and pinned, so nothing pulls a CUDA
+# build. open-clip-torch only ships the CLIP BPE vocabulary we read; --no-deps keeps torchvision out.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps 'open-clip-torch>=2.24'
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m jaxdiff.demo
+
+bench: setup
+	$(PY) -m jaxdiff.bench unet --preset sd15
+
+clean:
+	rm -rf $(VENV) out bench_out .pytest_cache

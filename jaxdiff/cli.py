@@ -1,0 +1,73 @@
+"""The `jaxdiff` command: `jaxdiff demo`, `jaxdiff convert`, `jaxdiff bench ...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _convert(args):
+    """Original single-file SD 1.x/2.x checkpoint -> a diffusers folder."""
+    from jaxdiff.convert.single_file import load_single_file
+    from jaxdiff.pretrained import StableDiffusion, default_scheduler_config, save_pretrained
+    from jaxdiff.tokenizer import write_clip_tokenizer
+
+    src, out = Path(args.checkpoint), Path(args.out)
+    if not src.is_file():
+        sys.exit(f"jaxdiff convert: {src}: no such file")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        sys.exit(f"jaxdiff convert: {out} exists and is not empty (pass --overwrite to replace it)")
+    configs = {}
+    if args.config:  # architectures that the SD 1.x / 2.x conventions cannot infer from shapes
+        from jaxdiff.convert import diffusers as dconv
+        cfg_dir = Path(args.config)
+        for name, key in (("unet", "unet_config"), ("vae", "vae_config"), ("text_encoder", "text_config")):
+            configs[key] = dconv.COMPONENTS[name].config_from(dconv._read_json(cfg_dir / name / "config.json"))
+    parts = load_single_file(src, **configs)
+    text_cfg = parts["text_encoder"][0]
+    sched = dict(default_scheduler_config(), prediction_type=args.prediction_type)
+    model = StableDiffusion(parts["unet"][0], parts["vae"][0], text_cfg,
+                            {k: v[1] for k, v in parts.items()}, None, sched)
+    with tempfile.TemporaryDirectory() as tmp:
+        # SD 2.x (OpenCLIP, gelu) pads prompts with "!", SD 1.x with <|endoftext|>.
+        tok = write_clip_tokenizer(Path(tmp) / "tokenizer",
+                                   pad_token="!" if text_cfg.hidden_act == "gelu" else "<|endoftext|>")
+        save_pretrained(model, out, tokenizer_folder=tok, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from jaxdiff import bench
+        return bench.main(argv[1:])
+    if argv and argv[0] == "demo":
+        from jaxdiff import demo
+        return demo.main(argv[1:])
+    ap = argparse.ArgumentParser(prog="jaxdiff", description="JAX/Flax text-to-image diffusion.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="build a small random diffusers checkpoint, load it, compare with diffusers")
+    sub.add_parser("bench", help="benchmarks against diffusers (see `jaxdiff bench --help`)")
+    c = sub.add_parser("convert", help="original single-file SD checkpoint -> diffusers folder")
+    c.add_argument("checkpoint", help="a .safetensors (or .ckpt, read with weights_only=True)")
+    c.add_argument("--out", required=True, help="the diffusers folder to write")
+    c.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
+                   help="not stored in single files: v_prediction for SD 2.x 768-px models")
+    c.add_argument("--config", help="a diffusers folder whose unet/, vae/, text_encoder/ config.json "
+                   "give the architecture (default: inferred, SD 1.x / 2.x conventions)")
+    c.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    if args.command == "convert":
+        from jaxdiff.convert.diffusers import ModelFolderError
+        from jaxdiff.convert.naming import ConversionError
+        try:
+            _convert(args)
+        except (ConversionError, ModelFolderError) as e:
+            hint = "" if args.config else ("\n(an architecture other than SD 1.x / 2.x? pass --config "
+                                           "with a diffusers folder that describes it)")
+            sys.exit(f"jaxdiff convert: {e}{hint}")
+
+
+if __name__ == "__main__":
+    main()
