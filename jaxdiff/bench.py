@@ -45,6 +45,10 @@ import time
 from pathlib import Path
 
 GiB = 1024 ** 3
+# XLA:CPU flags this benchmark applies unless --xla-flags says otherwise. jaxlib 0.10 hands every
+# convolution to YNNPACK by default; its 3x3 convolutions ran ~30% slower than XLA's Eigen ones on a 2-core
+# EPYC (sd15 3x3 convs, batch 2: 7.6 s vs 5.6 s summed), so they go back to Eigen. Dots stay on YNNPACK.
+TUNED_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 DTYPES = ("float32", "bfloat16")
 TABLE_COLUMNS = ("date", "benchmark", "preset", "shape", "dtype", "jaxdiff s/call", "torch s/call",
                  "ratio", "compile s", "peak memory", "machine", "notes")
@@ -184,7 +188,8 @@ def bench_unet(args) -> dict:
     phases: dict = {}
     result: dict = {"benchmark": "unet", "preset": args.preset, "batch": b, "size": size,
                     "shape": f"{b}x{size}x{size}x{cfg.in_channels}, ctx {b}x{seq}x{cfg.cross_attention_dim}",
-                    "dtype": args.dtype, "repeats": args.repeats, "seed": args.seed, "phases": phases}
+                    "dtype": args.dtype, "repeats": args.repeats, "seed": args.seed, "attention": args.attention,
+                    "phases": phases}
 
     rng = np.random.default_rng(args.seed)
     sample = rng.standard_normal((b, size, size, cfg.in_channels), dtype=np.float32)  # NHWC
@@ -202,12 +207,9 @@ def bench_unet(args) -> dict:
     # 1. The reference model and its weights, converted by the production converter.
     tmodel = None
     if args.no_torch:
-        log(f"init jaxdiff {args.preset} params (seed {args.seed}, no torch)")
+        log(f"random jaxdiff {args.preset} params (seed {args.seed}, no torch)")
         with Phase("init_params", phases):
-            model = unet_lib.UNet(cfg, dtype=jdtype, param_dtype=jdtype)
-            dummy = conv_lib.COMPONENTS["unet"].dummy_inputs(cfg)
-            params = jax.jit(model.init)(jax.random.key(args.seed), *dummy)["params"]
-            params = jax.block_until_ready(jax.tree.map(lambda x: x, params))
+            params = jax.block_until_ready(_random_params(cfg, jdtype, rng))
     else:
         import torch
         from diffusers import UNet2DConditionModel
@@ -309,23 +311,144 @@ def bench_unet(args) -> dict:
     # 4. Alternating timed calls.
     log(f"timing {args.repeats} calls each" + (", alternating jaxdiff / torch" if run_torch else ""))
     load0 = os.getloadavg()
-    jt, tt = [], []
+    jt, tt, jo, to = [], [], [], []
     for i in range(args.repeats):
-        jt.append(run_jax())
+        t, o = run_jax()
+        jt.append(t), jo.append(o)
+        msg = f"  {i + 1}/{args.repeats}: jaxdiff {t:.3f}s (other procs {o:.2f} cores)"
         if run_torch:
-            tt.append(run_torch())
-        log(f"  {i + 1}/{args.repeats}: jaxdiff {jt[-1]:.3f}s" + (f", torch {tt[-1]:.3f}s" if tt else ""))
+            t, o = run_torch()
+            tt.append(t), to.append(o)
+            msg += f", torch {t:.3f}s (other procs {o:.2f} cores)"
+        log(msg)
     result["loadavg_before_after"] = [list(load0), list(os.getloadavg())]
     jx["time_s"] = _stats(jt)
+    jx["other_cpu_cores"] = jo
     result["jaxdiff"] = jx
     if run_torch:
         tx["time_s"] = _stats(tt)
+        tx["other_cpu_cores"] = to
         result["torch"] = tx
         result["ratio"] = jx["time_s"]["median"] / tx["time_s"]["median"]
     result["rss_peak_process"] = _maxrss()
+    if args.profile:
+        log(f"profiling one jaxdiff call into {args.profile}")
+        result["profile"] = {"jaxdiff": profile_jax(compiled, (params, *jargs), Path(args.profile))}
+        if run_torch:
+            result["profile"]["torch"] = profile_torch(call_torch)
     del compiled, params, tmodel
     _trim()
     return result
+
+
+# --- profiles -------------------------------------------------------------------------------------
+
+def _category(op: str | None) -> str:
+    """A UNet op's kind, from the HLO op_name metadata (the Flax module path)."""
+    import re
+    if op is None:
+        return "other"
+    if "conv_general_dilated" in op:
+        return "convolution"
+    if re.search(r"/attn[12]/", op) and not re.search(r"/to_(q|k|v|out_0)/", op):
+        return "self-attention core" if "/attn1/" in op else "cross-attention core"
+    if re.search(r"/to_(q|k|v|out_0)/", op):
+        return "attention q/k/v/out projections"
+    if "/ff/" in op:
+        return "feed-forward (GEGLU)"
+    if re.search(r"(norm\d?|conv_norm_out)/", op):
+        return "group/layer norm"
+    if "dot_general" in op:
+        return "other dense"
+    return "other elementwise / copies"
+
+
+def profile_jax(compiled, args, logdir: Path, top: int = 12) -> dict:
+    """Trace one call; split its wall time among op kinds (time shared by concurrently running ops
+    is split between them). XLA:CPU's Eigen convolutions run asynchronously and leave no trace
+    events, so with them the time when no traced op runs is reported as 'untraced: Eigen
+    convolutions + gaps'."""
+    import collections
+    import re
+    import jax
+    from jax.profiler import ProfileData
+    logdir.mkdir(parents=True, exist_ok=True)
+    meta = {}
+    for line in compiled.as_text().splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", line)
+        if m:
+            meta[m.group(1)] = m.group(2)
+    before = set(logdir.rglob("*.xplane.pb"))
+    with jax.profiler.trace(str(logdir)):
+        compiled(*args).block_until_ready()
+    new = sorted(set(logdir.rglob("*.xplane.pb")) - before)
+    if not new:
+        return {"error": "no trace written"}
+    data = ProfileData.from_file(str(new[-1]))
+    events, span = [], None
+    for plane in data.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                if ev.name == "ThunkExecutor::Execute (wait for completion)":
+                    span = (ev.start_ns, ev.start_ns + ev.duration_ns)
+                elif line.name.startswith("tf_XLAEigen") and not ev.name.startswith(
+                        ("ThunkExecutor", "SlinkyThreadPool", "end:", "while")):
+                    events.append((ev.start_ns, ev.start_ns + ev.duration_ns, _category(meta.get(ev.name))))
+    if span is None:
+        return {"error": "no executor span in the trace"}
+    idle = "untraced: Eigen convolutions + gaps"
+    points = sorted([(s, 0, i) for i, (s, e, c) in enumerate(events)]
+                    + [(e, 1, i) for i, (s, e, c) in enumerate(events)])
+    active, last, share = set(), span[0], collections.Counter()
+    for t, end, i in points:
+        t = min(max(t, span[0]), span[1])
+        for j in active:
+            share[events[j][2]] += (t - last) / len(active)
+        if not active:
+            share[idle] += t - last
+        last = t
+        (active.discard if end else active.add)(i)
+    share[idle] += span[1] - last
+    wall = (span[1] - span[0]) / 1e9
+    out = {"wall_s": wall, "seconds": {k: v / 1e9 for k, v in share.most_common(top)}, "trace_dir": str(logdir)}
+    print(f"\njaxdiff profile: one traced call {wall * 1e3:.1f} ms")
+    for k, v in out["seconds"].items():
+        print(f"  {v * 1e3:9.1f} ms {100 * v / wall:5.1f}%  {k}")
+    return out
+
+
+def profile_torch(call, top: int = 8) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    out = {e.key: e.self_cpu_time_total / 1e6 for e in rows}
+    print(f"torch profile: one call, top ops by self CPU time")
+    for k, v in out.items():
+        print(f"  {v * 1e3:9.1f} ms  {k}")
+    return out
+
+
+def _random_params(cfg, dtype, rng):
+    """Seeded random params of the right shapes without compiling ``init``: kernels ~ N(0, 1/fan_in),
+    norm scales 1, biases 0 (the timing does not depend on the values, only on their being finite)."""
+    import jax
+    import numpy as np
+    from flax import linen as nn
+    from flax import traverse_util
+    from jaxdiff.convert import diffusers as conv_lib
+    flat = traverse_util.flatten_dict(nn.unbox(conv_lib.abstract_params("unet", cfg)))
+    out = {}
+    for path, leaf in flat.items():
+        shape = tuple(leaf.shape)
+        if path[-1] == "kernel":
+            v = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(np.prod(shape[:-1]))
+        elif path[-1] == "scale":
+            v = np.ones(shape, np.float32)
+        else:
+            v = np.zeros(shape, np.float32)
+        out[path] = jax.device_put(v.astype(dtype))
+    return traverse_util.unflatten_dict(out)
 
 
 def _to_device_draining(tree):
@@ -391,7 +514,12 @@ def table_row(r: dict) -> dict:
             "jaxdiff s/call": spread(jt), "torch s/call": spread(tt) if tt else "-",
             "ratio": f"{r['ratio']:.2f}" if "ratio" in r else "-",
             "compile s": f"{r['jaxdiff']['compile_s']:.1f}", "peak memory": peak_memory_cell(r),
-            "machine": r["env"]["machine"], "notes": r.get("note") or ""}
+            "machine": r["env"]["machine"], "notes": r.get("note") or _auto_note(r)}
+
+
+def _auto_note(r: dict) -> str:
+    flags = r["env"]["xla_flags"].replace("--xla_force_host_platform_device_count=8", "").strip()
+    return f"attention={r.get('attention', 'auto')}; XLA_FLAGS={flags or '(none)'}"
 
 
 def update_markdown(path: Path, row: dict):
@@ -485,7 +613,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-torch", action="store_true", help="time jaxdiff alone (random jax init weights)")
     u.add_argument("--out", default=None, help="JSON file (default bench_out/unet_<preset>.json)")
     u.add_argument("--markdown", default="BENCHMARKS.md", help="table to update ('' to skip)")
-    u.add_argument("--xla-flags", default="", help="appended to $XLA_FLAGS before the backend starts")
+    u.add_argument("--xla-flags", default=None,
+                   help="appended to $XLA_FLAGS before the backend starts (default: TUNED_CPU_XLA_FLAGS, "
+                        f"i.e. {TUNED_CPU_XLA_FLAGS!r}; pass '' for XLA's own defaults)")
+    u.add_argument("--attention", default="auto", choices=("auto", "xla", "cpu_blocked"),
+                   help="jaxdiff.attention.DEFAULT_IMPLEMENTATION for this run (auto: per platform)")
+    u.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace one jaxdiff call with jax.profiler into DIR and print where its wall "
+                        "time goes, and torch.profiler's top ops for one torch call")
     u.add_argument("--note", default="", help="free text for the table's notes column")
     return p
 
@@ -497,8 +632,14 @@ def main(argv=None):
         raise SystemExit(f"unknown preset {args.preset!r}: choose one of {', '.join(sorted(presets))}")
     if args.repeats < 1 or args.batch < 1:
         raise SystemExit("--repeats and --batch must be at least 1")
-    if args.xla_flags:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+    flags = TUNED_CPU_XLA_FLAGS if args.xla_flags is None else args.xla_flags
+    if flags:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        log("note: XLA_FLAGS forces several host devices (all share one thread pool); "
+            "benchmark numbers are meant for a plain single CPU device")
+    from jaxdiff import attention
+    attention.DEFAULT_IMPLEMENTATION = None if args.attention == "auto" else args.attention
     env = environment()  # starts the JAX backend
     log(f"{env['machine']}; jax {env['jax']} on {env['device']}, XLA_FLAGS={env['xla_flags']!r}"
         + (f"; torch {env['torch']} with {env['torch_threads']} threads" if "torch" in env else ""))

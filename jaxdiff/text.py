@@ -27,6 +27,7 @@ class TextConfig:
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407        # 2 means the legacy rule: EOS is the largest id (argmax)
     pad_token_id: int = 1
+    bos_token_id: int = 49406
     projection_dim: int | None = None  # set for CLIPTextModelWithProjection (text_projection)
 
     def __post_init__(self):

@@ -6,10 +6,9 @@ component folders ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``sche
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +144,7 @@ def text_config_from_transformers(d: dict) -> text_lib.TextConfig:
         num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
         hidden_act=d.get("hidden_act", "quick_gelu"), layer_norm_eps=d.get("layer_norm_eps", 1e-5),
         eos_token_id=d.get("eos_token_id", 2), pad_token_id=d.get("pad_token_id", 1),
+        bos_token_id=d.get("bos_token_id", 49406),
         projection_dim=d.get("projection_dim") if arch == "CLIPTextModelWithProjection" else None)
 
 
@@ -155,7 +155,7 @@ def text_config_to_transformers(c: text_lib.TextConfig) -> dict:
             "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
             "num_attention_heads": c.num_attention_heads, "hidden_act": c.hidden_act,
             "layer_norm_eps": c.layer_norm_eps, "eos_token_id": c.eos_token_id,
-            "pad_token_id": c.pad_token_id, "bos_token_id": 49406,
+            "pad_token_id": c.pad_token_id, "bos_token_id": c.bos_token_id,
             "projection_dim": c.projection_dim or 512, "torch_dtype": "float32"}
 
 
@@ -207,6 +207,7 @@ COMPONENTS = {
 }
 
 
+@functools.lru_cache(maxsize=32)
 def abstract_params(kind: str, config, dtype=jnp.float32):
     """Param shapes of a component (no compute, no allocation), boxed with logical axis names."""
     comp = COMPONENTS[kind]
