@@ -188,8 +188,10 @@ class _Mid(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ch = cfg.block_out_channels[-1]
         x = ResnetBlock2D(ch, cfg.norm_num_groups, cfg.norm_eps, name="resnets_0", **kw)(x, temb)
-        x = _transformer(cfg, cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1],
-                         "attentions_0", kw)(x, context)
+        # diffusers' UNetMidBlock2DCrossAttn always self-attends first, whatever only_cross_attention says
+        x = Transformer2D(cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1],
+                          cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention,
+                          only_cross=False, name="attentions_0", **kw)(x, context)
         return ResnetBlock2D(ch, cfg.norm_num_groups, cfg.norm_eps, name="resnets_1", **kw)(x, temb)
 
 

@@ -17,6 +17,19 @@ from jaxdiff.unet import UNet
 from jaxdiff.vae import AutoencoderKL
 
 TOL = 1e-4
+# Rarer options: inpainting's 9 input channels, only-cross-attention blocks (the mid block still
+# self-attends), no mid block, sin-first time embedding with a frequency shift, no quant convs.
+UNET_ODD = dict(sample_size=8, block_out_channels=(24, 48, 48), layers_per_block=3, in_channels=9,
+                down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                cross_attention_dim=20, attention_head_dim=(3, 6, 6), norm_num_groups=6,
+                only_cross_attention=True)
+UNET_NO_MID = dict(sample_size=8, block_out_channels=(32, 32), layers_per_block=1, mid_block_type=None,
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                   attention_head_dim=4, norm_num_groups=8, flip_sin_to_cos=False, freq_shift=1)
+VAE_BARE = dict(block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=4, latent_channels=16,
+                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 
 
 def assert_close(out, expected, tol=TOL):
@@ -32,13 +45,15 @@ def assert_close(out, expected, tol=TOL):
     ("sd2_linear_proj_upcast", ref.UNET_SD2, (16, 24)),        # non-square
     ("sdxl_text_time", ref.UNET_XL, (24, 16)),
     ("odd_size_skips", ref.UNET_SD1, (10, 14)),                 # upsampling to odd skip shapes
+    ("only_cross_9ch", UNET_ODD, (16, 8)),
+    ("no_mid_block", UNET_NO_MID, (8, 16)),
 ])
 def test_unet_matches_diffusers(tmp_path, name, config, hw):
     model = ref.make_unet(config)
     model.save_pretrained(tmp_path)
     cfg, params = dconv.load_component(tmp_path, "unet")
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, *hw, generator=g)
+    x = torch.randn(2, config.get("in_channels", 4), *hw, generator=g)
     t = torch.tensor([3.0, 917.0])
     ctx = torch.randn(2, 7, config["cross_attention_dim"], generator=g)
     added, added_t = None, {}
@@ -53,7 +68,8 @@ def test_unet_matches_diffusers(tmp_path, name, config, hw):
     assert_close(ref.nchw(out), expected)
 
 
-@pytest.mark.parametrize("config,hw", [(ref.VAE_SMALL, (32, 48)), (ref.VAE_DEEP, (40, 32))])
+@pytest.mark.parametrize("config,hw", [(ref.VAE_SMALL, (32, 48)), (ref.VAE_DEEP, (40, 32)),
+                                       (VAE_BARE, (24, 40))])
 def test_vae_matches_diffusers(tmp_path, config, hw):
     model = ref.make_vae(config)
     model.save_pretrained(tmp_path)

@@ -58,7 +58,7 @@ def unet_config_from_diffusers(d: dict) -> unet_lib.UNetConfig:
             timestep_post_act=(None,), addition_embed_type=(None, "text_time"),
             attention_type=("default",), num_class_embeds=(None,), time_embedding_dim=(None,),
             downsample_padding=(1,), mid_block_scale_factor=(1, 1.0), reverse_transformer_layers_per_block=(None,),
-            class_embeddings_concat=(False,), mid_block_only_cross_attention=(None, False),
+            class_embeddings_concat=(False,),
             cross_attention_norm=(None,), resnet_skip_time_act=(False,), resnet_out_scale_factor=(1, 1.0),
             encoder_hid_dim=(None,), addition_embed_type_num_heads=(64,))
     n = len(d["block_out_channels"])
