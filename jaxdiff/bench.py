@@ -24,8 +24,8 @@ the machine drifting during the run.
 Memory, several separate measures (all in bytes in the JSON, GiB in the table):
 
 * ``params``: the bytes of the jaxdiff params (the torch model holds the same amount).
-* ``xla_temp`` etc.: XLA's own buffer assignment of the compiled forward (``memory_analysis()``):
-  temporaries = the activation working set XLA reserves for one call; exact, not sampled.
+* ``jaxdiff.xla_memory``: XLA's own buffer assignment of the compiled forward (``memory_analysis()``):
+  ``temp_size_in_bytes`` = the activation working set XLA reserves for one call; exact, not sampled.
 * ``rss_peak_*``: growth of the process peak resident set (VmHWM, reset through /proc/self/clear_refs
   before each phase, after ``malloc_trim``) over the resident set at the phase's start. This is what
   the OS saw; allocator caching can hide reuse, so read it as "extra memory this phase touched".
@@ -34,7 +34,9 @@ Memory, several separate measures (all in bytes in the JSON, GiB in the table):
 * ``rss_peak_process``: the whole process's peak resident set (``getrusage``), everything included.
 
 XLA CPU flags: by default ``TUNED_CPU_XLA_FLAGS`` is appended to ``$XLA_FLAGS`` before JAX starts its
-backend; ``--xla-flags "..."`` appends those instead (``--xla-flags ""``: XLA's own defaults).
+backend; ``--xla-flags "..."`` appends those instead (``--xla-flags ""``: XLA's own defaults). A
+``--xla_force_host_platform_device_count`` (the test suite's fake devices) is dropped: the benchmark is
+for one plain CPU device, and 8 fake devices sharing one thread pool cost ~15% on sd15.
 ``--attention`` picks ``jaxdiff.attention.DEFAULT_IMPLEMENTATION`` for the run ('xla' is
 ``jax.nn.dot_product_attention``'s einsum path, the pre-optimisation behaviour). ``--profile DIR``
 traces one more jaxdiff call and prints where its wall time goes by op kind, and torch.profiler's top
@@ -58,8 +60,9 @@ from pathlib import Path
 
 GiB = 1024 ** 3
 # XLA:CPU flags this benchmark applies unless --xla-flags says otherwise. jaxlib 0.10 hands every
-# convolution to YNNPACK by default; its 3x3 convolutions ran ~30% slower than XLA's Eigen ones on a 2-core
-# EPYC (sd15 3x3 convs, batch 2: 7.6 s vs 5.6 s summed), so they go back to Eigen. Dots stay on YNNPACK.
+# convolution to YNNPACK by default; its 3x3 convolutions took ~1.45x as long as XLA's Eigen ones on a 2-core
+# EPYC (all sd15 3x3 convs at batch 2, timed one by one: 8.7 s vs 5.6-6.2 s; torch 6.9-7.2 s), so they go
+# back to Eigen. Dots stay on YNNPACK (Eigen or oneDNN dots were no faster).
 TUNED_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 DTYPES = ("float32", "bfloat16")
 TABLE_COLUMNS = ("date", "benchmark", "preset", "shape", "dtype", "jaxdiff s/call", "torch s/call",
@@ -552,12 +555,13 @@ def update_markdown(path: Path, row: dict):
     else:
         lines = ["# Benchmarks", "",
                  "Written by `python -m jaxdiff.bench` (see its docstring for what each number measures).",
-                 "Times are the median seconds per call over the repeats, (min-max) in brackets; ratio is",
-                 "jaxdiff / torch (below 1: jaxdiff is faster). Both sides run the same converted weights in",
-                 "one process. Peak memory: params = one copy of the weights; jax temp = XLA's buffer",
-                 "assignment for one call's temporaries; `+` = peak resident-set growth during the first",
-                 "jaxdiff call (compile included) and torch's warm-up call; process = the whole process's",
-                 "peak resident set (torch model, jax params and everything else).", ""]
+                 "Times are the median seconds per call over the repeats, (min-max) in brackets; ratio is the",
+                 "jaxdiff / torch medians (below 1: jaxdiff is faster), 'pairs' the median of back-to-back",
+                 "call ratios. Both sides run the same converted weights in one process. Peak memory:",
+                 "params = one copy of the weights; jax temp = XLA's buffer assignment for one call's",
+                 "temporaries; `+` = peak resident-set growth during the first jaxdiff call (compile",
+                 "included) and torch's warm-up call; process = the whole process's peak resident set",
+                 "(torch model, jax params and everything else).", ""]
     try:
         start = lines.index(header)
     except ValueError:
