@@ -37,18 +37,24 @@ def _convert(args):
     print(f"wrote {out}")
 
 
+# Subcommands that own their argument parsing: name -> (module with `main(argv)`, help line).
+DELEGATED = {
+    "demo": ("jaxdiff.demo", "build a small random diffusers checkpoint, load it, compare with diffusers"),
+    "bench": ("jaxdiff.bench", "benchmarks against diffusers (see `jaxdiff bench --help`)"),
+    "data": ("jaxdiff.data.cli", "build and inspect data sets (see `jaxdiff data --help`)"),
+    "eval": ("jaxdiff.eval.cli", "score generated images (see `jaxdiff eval --help`)"),
+}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":
-        from jaxdiff import bench
-        return bench.main(argv[1:])
-    if argv and argv[0] == "demo":
-        from jaxdiff import demo
-        return demo.main(argv[1:])
+    if argv and argv[0] in DELEGATED:
+        import importlib
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     ap = argparse.ArgumentParser(prog="jaxdiff", description="JAX/Flax text-to-image diffusion.")
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="build a small random diffusers checkpoint, load it, compare with diffusers")
-    sub.add_parser("bench", help="benchmarks against diffusers (see `jaxdiff bench --help`)")
+    for name, (_, help_line) in DELEGATED.items():
+        sub.add_parser(name, help=help_line)
     c = sub.add_parser("convert", help="original single-file SD checkpoint -> diffusers folder")
     c.add_argument("checkpoint", help="a .safetensors (or .ckpt, read with weights_only=True)")
     c.add_argument("--out", required=True, help="the diffusers folder to write")

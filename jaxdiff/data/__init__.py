@@ -1,0 +1,1 @@
+"""Data: the shapes world, users' image-caption folders, and the input pipeline."""

@@ -1,0 +1,1 @@
+"""Evaluation: prompt fidelity on the shapes world and a Frechet distance."""
