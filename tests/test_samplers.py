@@ -1,0 +1,169 @@
+"""Every sampler against the matching diffusers scheduler: same model outputs (a fake denoiser
+written in torch and in jax), same noise, the same latents after every model call (fp32)."""
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxdiff import samplers as SM
+from jaxdiff import schedules as S
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+          steps_offset=1, set_alpha_to_one=False, clip_sample=False, skip_prk_steps=True)
+V_ZSNR = dict(SD, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+CLS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
+       "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
+       "dpm++2m": "DPMSolverMultistepScheduler", "dpm++2m_karras": "DPMSolverMultistepScheduler",
+       "pndm": "PNDMScheduler"}
+
+
+def fake_torch(x, t):
+    t = torch.as_tensor(t).float()
+    out = 0.5 * torch.tanh(x) * torch.cos(t / 300.0) + 0.1 * x + 0.05 * torch.sin(t / 100.0)
+    return out
+
+
+def fake_jax(x, t):
+    return 0.5 * jnp.tanh(x) * jnp.cos(t / 300.0) + 0.1 * x + 0.05 * jnp.sin(t / 100.0)
+
+
+def _learned(fn, xp_cat, xp_tanh):
+    return lambda x, t: xp_cat([fn(x, t), 0.8 * xp_tanh(x)])
+
+
+def run_both(sampler, cfg, n=20, strength=None, eta=0.0, shape=(2, 4, 8, 6), learned=False):
+    """diffusers' pipeline loop and jaxdiff's scan; returns (ours, theirs) trajectories [K, NCHW]."""
+    cls = CLS[sampler]
+    cfg = dict(cfg, use_karras_sigmas=True) if sampler == "dpm++2m_karras" else cfg
+    sch = getattr(diffusers, cls).from_config(cfg)
+    sch.set_timesteps(n)
+    ts = sch.timesteps
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal(shape).astype(np.float32)
+    noise0 = rng.standard_normal(shape).astype(np.float32)
+    if strength is not None:
+        start = SM.img2img_start(n, strength)
+        ts = ts[start * sch.order:]
+        if hasattr(sch, "set_begin_index"):
+            sch.set_begin_index(start * sch.order)
+        x = sch.add_noise(torch.tensor(x0), torch.tensor(noise0), ts[:1])
+    else:
+        x = torch.tensor(noise0) * sch.init_noise_sigma
+    x_start = x.numpy().copy()
+    ft = _learned(fake_torch, lambda l: torch.cat(l, 1), torch.tanh) if learned else fake_torch
+    gen, traj, noises, g2 = torch.Generator().manual_seed(1), [], [], torch.Generator().manual_seed(1)
+    stochastic = sampler in ("euler_a", "ddpm") or eta > 0
+    for t in ts:
+        out = ft(sch.scale_model_input(x, t), t)
+        kw = dict(generator=gen) if stochastic else {}
+        if eta:
+            kw["eta"] = eta
+        x = sch.step(out, t, x, **kw).prev_sample
+        traj.append(x.numpy().copy())
+        draws = stochastic and not (sampler == "ddpm" and int(t) == 0)     # DDPM draws no noise at t=0
+        noises.append(torch.randn(shape, generator=g2).numpy() if draws else np.zeros(shape, np.float32))
+
+    sched = S.resolve(dict(cfg, _class_name=cls), sampler)
+    plan = SM.make_plan(sched, n, strength=strength, eta=eta)
+    ref_ts = ts.numpy().astype(np.float32)
+    if np.all(ref_ts == np.round(ref_ts)):
+        np.testing.assert_array_equal(plan.timesteps, ref_ts)
+    else:  # fractional (Karras) timesteps: float32 rounding of alpha_bar differs from torch's cumprod
+        np.testing.assert_allclose(plan.timesteps, ref_ts, rtol=0, atol=1e-3)
+    assert plan.stochastic == stochastic
+    img = len(shape) == 4
+    nhwc = lambda a: jnp.asarray(np.moveaxis(a, -3, -1) if img else a)  # noqa: E731
+    x_init = nhwc(x_start)
+    if strength is not None:
+        mine = SM.add_noise(plan, nhwc(x0), nhwc(noise0))
+        np.testing.assert_allclose(mine, x_init, atol=2e-6 * np.abs(x_start).max())
+    fj = _learned(fake_jax, lambda l: jnp.concatenate(l, -1), jnp.tanh) if learned else fake_jax
+    nz = nhwc(np.stack(noises)) if stochastic else None
+    run = jax.jit(lambda x, a, z: SM.sample(fj, sched, a, x, stochastic=stochastic, noise=z, trajectory=True))
+    _, tr = run(x_init, plan.arrays, nz)
+    tr = np.asarray(tr)
+    return (np.moveaxis(tr, -1, -3) if img else tr), np.stack(traj)
+
+
+def assert_trajectories_match(ours, ref, tol=1e-4):
+    assert ours.shape == ref.shape
+    err = np.abs(ours - ref).max(axis=tuple(range(1, ours.ndim)))
+    scale = np.abs(ref).max(axis=tuple(range(1, ref.ndim)))
+    assert np.all(np.isfinite(ours))
+    assert (err <= tol * scale).all(), f"worst step {err.argmax()}: {err.max():.3g} vs scale {scale[err.argmax()]:.3g}"
+
+
+CASES = [
+    ("ddim", SD, {}), ("ddim", dict(SD, timestep_spacing="linspace", clip_sample=True), {}),
+    ("ddim", V_ZSNR, {}), ("ddim", dict(SD, prediction_type="sample", thresholding=True, sample_max_value=2.0), {}),
+    ("ddim", SD, dict(eta=0.6)),
+    ("ddpm", SD, {}), ("ddpm", dict(SD, variance_type="fixed_large", prediction_type="v_prediction"), {}),
+    ("ddpm", dict(beta_schedule="squaredcos_cap_v2", variance_type="learned_range"), dict(learned=True)),
+    ("euler", SD, {}), ("euler", dict(SD, use_karras_sigmas=True), {}), ("euler", V_ZSNR, {}),
+    ("euler", dict(SD, timestep_spacing="leading", final_sigmas_type="sigma_min"), {}),
+    ("euler_a", SD, {}), ("euler_a", dict(SD, prediction_type="v_prediction", timestep_spacing="trailing"), {}),
+    ("heun", SD, {}), ("heun", dict(SD, use_karras_sigmas=True, prediction_type="v_prediction"), {}),
+    ("dpm++2m", SD, {}), ("dpm++2m_karras", SD, {}), ("dpm++2m", V_ZSNR, {}),
+    ("dpm++2m", dict(SD, solver_type="heun", timestep_spacing="leading", thresholding=True), {}),
+    ("dpm++2m", dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample", solver_order=1), {}),
+    ("pndm", SD, {}), ("pndm", dict(SD, prediction_type="v_prediction", timestep_spacing="trailing"), {}),
+]
+
+
+@pytest.mark.parametrize("sampler,cfg,kw", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_sampler_matches_diffusers(sampler, cfg, kw):
+    assert_trajectories_match(*run_both(sampler, cfg, **kw))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "heun", "dpm++2m", "pndm"])
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+def test_img2img_slice_matches_diffusers(sampler, strength):
+    """SDEdit: noise to the strength's timestep, then the tail of the schedule (diffusers' get_timesteps)."""
+    assert_trajectories_match(*run_both(sampler, SD, n=10, strength=strength, shape=(1, 4, 4, 4)))
+
+
+def test_shape_agnostic():
+    """The same sampler code denoises 1-D embeddings (unCLIP's prior) as well as images."""
+    ours, ref = run_both("dpm++2m", SD, n=8, shape=(3, 16))
+    assert_trajectories_match(ours, ref)
+
+
+def test_plan_errors():
+    with pytest.raises(S.ScheduleError, match="unknown sampler"):
+        S.resolve(SD, "k_lms")
+    with pytest.raises(S.ScheduleError, match="timestep_spacing"):
+        S.resolve(dict(SD, timestep_spacing="karras"), "ddim")
+    with pytest.raises(S.ScheduleError, match="Runge-Kutta"):
+        S.resolve(dict(SD, skip_prk_steps=False), "pndm")
+    with pytest.raises(ValueError, match="strength"):
+        SM.make_plan(S.resolve(SD, "ddim"), 10, strength=1.5)
+    with pytest.raises(S.ScheduleError, match="steps"):
+        SM.make_plan(S.resolve(SD, "euler"), 0)
+
+
+def test_swapped_sampler_takes_its_own_defaults():
+    """An SD 1.5 config (PNDM, no timestep_spacing key) read as Euler gets Euler's linspace, like diffusers."""
+    raw = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+           "beta_schedule": "scaled_linear", "skip_prk_steps": True, "steps_offset": 1}
+    assert S.resolve(raw).sampler == "pndm"
+    eu = S.resolve(raw, "euler")
+    assert eu.timestep_spacing == "linspace" and eu.steps_offset == 1
+    ref = diffusers.EulerDiscreteScheduler.from_config(raw)
+    ref.set_timesteps(15)
+    np.testing.assert_array_equal(SM.make_plan(eu, 15).timesteps, ref.timesteps.numpy())
+
+
+def test_stochastic_sampler_keys():
+    """Per-sample keys: same key same bits, different keys different samples."""
+    sched = S.resolve(SD, "euler_a")
+    plan = SM.make_plan(sched, 5)
+    x = jnp.ones((2, 4, 4, 1))
+    keys = jax.random.split(jax.random.key(0), 2)
+    run = jax.jit(lambda x, k: SM.sample(fake_jax, sched, plan.arrays, x, stochastic=True, keys=k))
+    a, b = run(x, keys), run(x, keys)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a[0], a[1])
+    c = run(x[:1], keys[1:])       # sample 1 alone equals sample 1 in the batch
+    np.testing.assert_array_equal(c[0], a[1])
