@@ -99,6 +99,8 @@ class Schedule:
 def resolve(config: dict | None, sampler: str | None = None, **overrides) -> Schedule:
     """A checkpoint's scheduler config (dict) for ``sampler`` (default: the config's own class)."""
     config = dict(config or {})
+    for key in config.pop("_use_default_values", None) or ():   # diffusers' in-memory marker: not chosen
+        config.pop(key, None)
     if sampler is None:
         cls = config.get("_class_name", "DDIMScheduler")
         if cls not in CLASS_TO_SAMPLER:
