@@ -1,4 +1,4 @@
-"""The `jaxdiff` command: `jaxdiff demo`, `jaxdiff convert`, `jaxdiff bench ...`."""
+"""The `jaxdiff` command: txt2img, img2img, convert, data, eval, demo, bench."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +41,8 @@ def _convert(args):
 DELEGATED = {
     "demo": ("jaxdiff.demo", "build a small random diffusers checkpoint, load it, compare with diffusers"),
     "bench": ("jaxdiff.bench", "benchmarks against diffusers (see `jaxdiff bench --help`)"),
+    "txt2img": ("jaxdiff.generate:main_txt2img", "generate images from a prompt (see `jaxdiff txt2img --help`)"),
+    "img2img": ("jaxdiff.generate:main_img2img", "edit an image towards a prompt (see `jaxdiff img2img --help`)"),
     "data": ("jaxdiff.data.cli", "build and inspect data sets (see `jaxdiff data --help`)"),
     "eval": ("jaxdiff.eval.cli", "score generated images (see `jaxdiff eval --help`)"),
 }
@@ -50,7 +52,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:
         import importlib
-        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+        module, _, func = DELEGATED[argv[0]][0].partition(":")
+        return getattr(importlib.import_module(module), func or "main")(argv[1:])
     ap = argparse.ArgumentParser(prog="jaxdiff", description="JAX/Flax text-to-image diffusion.")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, (_, help_line) in DELEGATED.items():
