@@ -542,12 +542,12 @@ def _auto_note(r: dict) -> str:
     return f"attention={r.get('attention', 'auto')}; XLA_FLAGS={flags or '(none)'}"
 
 
-def update_markdown(path: Path, row: dict):
+def update_markdown(path: Path, row: dict, columns=TABLE_COLUMNS):
     """Append the row to BENCHMARKS.md's table, replacing a row of the same day, benchmark, preset,
     shape, dtype, machine and notes."""
-    header = "| " + " | ".join(TABLE_COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
-    line = "| " + " | ".join(str(row[c]).replace("|", "/") for c in TABLE_COLUMNS) + " |"
+    header = "| " + " | ".join(columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    line = "| " + " | ".join(str(row[c]).replace("|", "/") for c in columns) + " |"
     key_cols = ("date", "benchmark", "preset", "shape", "dtype", "machine", "notes")
     key = tuple(row[c] for c in key_cols)
     if path.exists():
@@ -573,8 +573,8 @@ def update_markdown(path: Path, row: dict):
     rows = lines[start + 2:end]
     for i, old in enumerate(rows):
         cells = [c.strip() for c in old.strip().strip("|").split("|")]
-        if len(cells) == len(TABLE_COLUMNS) and tuple(
-                cells[TABLE_COLUMNS.index(c)] for c in key_cols) == tuple(str(k) for k in key):
+        if len(cells) == len(columns) and tuple(
+                cells[columns.index(c)] for c in key_cols) == tuple(str(k) for k in key):
             rows[i] = line
             break
     else:
@@ -646,15 +646,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also trace one jaxdiff call with jax.profiler into DIR and print where its wall "
                         "time goes, and torch.profiler's top ops for one torch call")
     u.add_argument("--note", default="", help="free text for the table's notes column")
+    from jaxdiff import bench_pipeline
+    bench_pipeline.add_parser(sub)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     presets = _presets()
-    if args.preset not in presets:
+    if args.benchmark == "unet" and args.preset not in presets:
         raise SystemExit(f"unknown preset {args.preset!r}: choose one of {', '.join(sorted(presets))}")
-    if args.repeats < 1 or args.batch < 1:
+    if args.repeats < 1 or getattr(args, "batch", 1) < 1:
         raise SystemExit("--repeats and --batch must be at least 1")
     flags = TUNED_CPU_XLA_FLAGS if args.xla_flags is None else args.xla_flags
     if flags:
@@ -664,21 +666,30 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"].replace(forced.group(0), "").strip()
         log(f"dropped {forced.group(0)} from XLA_FLAGS: the benchmark runs on one plain CPU device")
     from jaxdiff import attention
-    attention.DEFAULT_IMPLEMENTATION = None if args.attention == "auto" else args.attention
+    attention.DEFAULT_IMPLEMENTATION = None if getattr(args, "attention", "auto") == "auto" else args.attention
     env = environment()  # starts the JAX backend
     log(f"{env['machine']}; jax {env['jax']} on {env['device']}, XLA_FLAGS={env['xla_flags']!r}"
         + (f"; torch {env['torch']} with {env['torch_threads']} threads" if "torch" in env else ""))
     started = _dt.datetime.now()
-    r = bench_unet(args)
+    if args.benchmark == "txt2img":
+        from jaxdiff import bench_pipeline
+        r = bench_pipeline.bench_txt2img(args)
+    else:
+        r = bench_unet(args)
     _trim()
     r.update(env=env, date=started.strftime("%Y-%m-%d"), started=started.isoformat(timespec="seconds"),
              note=args.note, command="python -m jaxdiff.bench " + " ".join(sys.argv[1:] if argv is None else argv))
-    out = Path(args.out or f"bench_out/unet_{args.preset}.json")
+    out = Path(args.out or f"bench_out/{args.benchmark}_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2) + "\n")
-    if args.markdown:
-        update_markdown(Path(args.markdown), table_row(r))
-    print_summary(r)
+    if args.benchmark == "txt2img":
+        if args.markdown:
+            update_markdown(Path(args.markdown), bench_pipeline.table_row(r), bench_pipeline.COLUMNS)
+        print(json.dumps({k: r[k] for k in ("jaxdiff", "torch", "ratio", "check") if k in r}, indent=1, default=str))
+    else:
+        if args.markdown:
+            update_markdown(Path(args.markdown), table_row(r))
+        print_summary(r)
     log(f"wrote {out}" + (f" and updated {args.markdown}" if args.markdown else ""))
     return r
 

@@ -133,7 +133,9 @@ class Pipeline:
             raise GenerationError("this checkpoint's UNet needs added conditioning (SDXL); "
                                   "the SDXL pipeline is not implemented yet")
         params = model.params
-        if mesh is not None:
+        if mesh is None:
+            params = jax.device_put(params)                 # once, not per call (no-op if already there)
+        else:
             if param_sharding == "replicated":
                 params = jax.device_put(params, NamedSharding(mesh, P()))
             elif param_sharding == "fsdp":
