@@ -1,0 +1,365 @@
+"""The input pipeline: any random-access source -> host batches -> global `jax.Array`s on the mesh.
+
+    pipe = make_pipeline(open_source("folder:/data/pets"), PipelineConfig(resolution=64, global_batch=256),
+                         tokenizer=Tokenizer("sd15/tokenizer"))
+    it = iter(pipe.dataset)                       # a grain DatasetIterator
+    batch = next(it)                              # {"image": f32 [B, S, S, 3] in [-1, 1], "tokens": i32 [B, 77],
+                                                  #  "caption": list[str]}, B = global_batch / hosts
+    arrays = to_global(batch, mesh)               # "image", "tokens" as jax.Arrays split over (data, fsdp)
+    blob = state_to_bytes(it); ...; restore_state(it, blob)   # exact resume
+
+Built on grain's Dataset API (`MapDataset` -> `IterDataset`): the per-host shard, the shuffle and the
+epochs are index arithmetic on the `MapDataset`, so the iterator's whole state is one element index
+(`{"next_index": i}`): checkpoints are tiny and resuming is exact, skipped records included.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import io
+import json
+import warnings
+import weakref
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image, ImageOps
+
+from jaxdiff.data.folder import SkipLog
+
+STATE_VERSION = 1
+
+
+# --- decoding: raw record -> {"image": uint8 [S, S, 3], "caption": str} -----------------------------
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` and crop the centre square, as one resample of the centre box."""
+    w, h = img.size
+    side = min(w, h)
+    if w == h == size:
+        return img
+    left, top = (w - side) / 2, (h - side) / 2
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+
+
+def load_image(image, size: int) -> np.ndarray:
+    """Encoded bytes (JPEG, PNG, WebP, ...) or a uint8 array -> uint8 [size, size, 3], EXIF-upright."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"image arrays must be uint8, got {image.dtype}")
+        if image.shape == (size, size, 3):
+            return image  # already at the training resolution (e.g. a shapes_world TFDS split)
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        img = Image.fromarray(image)
+    else:
+        img = Image.open(io.BytesIO(bytes(image)))
+        img.draft("RGB", (size, size))  # JPEG: let libjpeg decode at 1/2, 1/4, 1/8 scale, never below size
+        img = ImageOps.exif_transpose(img)  # loads the pixels; raises on corrupt or truncated data
+    return np.asarray(center_crop_resize(img.convert("RGB"), size))
+
+
+def caption_text(caption) -> str:
+    if isinstance(caption, np.ndarray):
+        caption = caption.item()
+    if isinstance(caption, bytes):
+        return caption.decode("utf-8", errors="replace")
+    if isinstance(caption, str):
+        return caption
+    raise TypeError(f"captions must be str or bytes, got {type(caption).__name__}")
+
+
+def _skip_reason(err: Exception) -> str:
+    msg = str(err)
+    if isinstance(err, Image.DecompressionBombError):
+        return "image too large (decompression bomb guard)"
+    if "truncated" in msg:
+        return "truncated image"
+    if isinstance(err, Image.UnidentifiedImageError):
+        return "not a decodable image"
+    return f"corrupt image ({type(err).__name__})"
+
+
+class DecodeExample:
+    """grain map op: record -> {"image", "caption"}, or None (counted in `skips`) when it will not decode.
+
+    `at(index, record)` is the `map_with_index` form: a record that failed once is skipped unread
+    in later epochs, and counts once.
+    """
+
+    def __init__(self, resolution: int, skips: SkipLog | None = None, records: int | None = None,
+                 reachable: int | None = None):
+        self.resolution = resolution
+        self.skips = skips if skips is not None else SkipLog()
+        self.records = records  # source length: indices wrap per epoch
+        self.reachable = reachable or records  # records this host reads (its shard)
+
+    def __call__(self, record: dict) -> dict | None:
+        return self.at(None, record)
+
+    def at(self, index: int | None, record: dict) -> dict | None:
+        key = None if index is None or self.records is None else index % self.records
+        if key is not None and key in self.skips.keys:
+            return self._none()
+        name = str(record.get("name") or f"record {key}")
+        if record.get("image") is None:
+            self.skips.add(record.get("error", "no image"), name, key)
+            return self._none()
+        try:
+            image = load_image(record["image"], self.resolution)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # PIL reports corrupt data as OSError / ValueError / SyntaxError, depending on the format.
+            self.skips.add(_skip_reason(e), name, key)
+            return self._none()
+        return {"image": image, "caption": caption_text(record.get("caption", ""))}
+
+    def _none(self):
+        # With every record of the source bad, an endless repeat would spin forever: stop instead.
+        if self.reachable is not None and len(self.skips.keys) >= self.reachable:
+            raise RuntimeError(f"none of the {self.reachable} records of this host decodes: "
+                               f"{self.skips.as_dict()}")
+        return None
+
+
+class Collate:
+    """grain batch_fn: examples -> {"image": [B, S, S, 3], "caption": list[str], "tokens": int32 [B, L]}."""
+
+    def __init__(self, tokenizer=None, image_dtype: str = "float32"):
+        self.tokenizer = tokenizer
+        self.image_dtype = image_dtype
+        self.truncated = 0  # captions longer than the tokenizer's context (warned about once)
+
+    def __call__(self, examples) -> dict:
+        images = np.stack([e["image"] for e in examples])              # uint8 [B, S, S, 3]
+        if self.image_dtype == "float32":
+            images = images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)  # [-1, 1]
+        batch = {"image": images, "caption": [e["caption"] for e in examples]}
+        if self.tokenizer is not None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                batch["tokens"] = self.tokenizer(batch["caption"])
+            n = sum("truncated" in str(w.message) for w in caught)
+            if n and not self.truncated:
+                warnings.warn(f"captions longer than {self.tokenizer.max_length} tokens are truncated "
+                              f"(counted in Collate.truncated; first: {caught[0].message})", stacklevel=2)
+            self.truncated += n
+        return batch
+
+
+# --- the pipeline ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    resolution: int = 64
+    global_batch: int = 64           # over all hosts; each host makes global_batch / shard_count
+    seed: int = 0                    # shuffle seed; epochs reshuffle as a function of (seed, epoch)
+    num_epochs: int | None = None    # None: repeat forever
+    shuffle: bool = True
+    image_dtype: str = "float32"     # "float32": [-1, 1]; "uint8": [0, 255]
+    shard_index: int | None = None   # default jax.process_index()
+    shard_count: int | None = None   # default jax.process_count()
+    num_threads: int = 4             # decode threads (PIL releases the GIL while decoding and resizing)
+    prefetch_examples: int = 256     # decoded examples read ahead
+    prefetch_batches: int = 2        # collated (tokenised) batches read ahead, in one more thread
+    workers: int = 0                 # > 0: decode in that many processes (grain mp_prefetch) instead
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    dataset: grain.IterDataset       # iter() it for a checkpointable grain DatasetIterator
+    per_host_batch: int
+    shard: tuple[int, int]           # (index, count)
+    shard_records: int               # records this host reads per epoch
+    skips: SkipLog                   # records that would not decode, per reason (this process only)
+    collate: Collate
+
+
+def _shard_bounds(n: int, index: int, count: int) -> tuple[int, int]:
+    # Contiguous, equal shards: every host has the same epoch length; the last n % count records drop.
+    per = n // count
+    return index * per, (index + 1) * per
+
+
+def _shuffle_seed(seed: int) -> int:
+    # grain reseeds epoch e with seed + e; hashing the user seed keeps seed s epoch 1 != seed s+1 epoch 0.
+    return int(np.random.SeedSequence(seed).generate_state(1)[0])
+
+
+def make_pipeline(source, config: PipelineConfig = PipelineConfig(), tokenizer=None) -> Pipeline:
+    """Host-sharded, shuffled, decoded, batched and tokenised examples from a random-access `source`."""
+    import jax
+
+    cfg = config
+    if cfg.image_dtype not in ("float32", "uint8"):
+        raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {cfg.image_dtype!r}")
+    if cfg.resolution < 1 or cfg.global_batch < 1:
+        raise ValueError(f"resolution and global_batch must be positive, got {cfg.resolution}, "
+                         f"{cfg.global_batch}")
+    if cfg.num_epochs is not None and cfg.num_epochs < 1:
+        raise ValueError(f"num_epochs must be None (forever) or >= 1, got {cfg.num_epochs}")
+    count = jax.process_count() if cfg.shard_count is None else cfg.shard_count
+    index = jax.process_index() if cfg.shard_index is None else cfg.shard_index
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard index {index} is outside 0..{count - 1} (shard_count {count})")
+    if cfg.global_batch % count:
+        raise ValueError(f"global batch {cfg.global_batch} does not split over {count} hosts: "
+                         f"make it a multiple of {count}")
+    n = len(source)
+    if n == 0:
+        raise ValueError("the data source is empty")
+    lo, hi = _shard_bounds(n, index, count)
+    if hi == lo:
+        raise ValueError(f"{n} records cannot be shared by {count} hosts (each needs at least one)")
+    if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
+        from jaxdiff.tokenizer import Tokenizer
+        tokenizer = Tokenizer(tokenizer)
+
+    skips = SkipLog()
+    # Decoding is lazy, so mapping it before the shard and shuffle (index arithmetic) costs nothing
+    # and lets it see each record's source index.
+    ds = grain.MapDataset.source(source).map_with_index(DecodeExample(cfg.resolution, skips, n, hi - lo).at)
+    ds = ds[lo:hi]
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=_shuffle_seed(cfg.seed))
+    ds = ds.repeat(cfg.num_epochs)
+    if cfg.workers > 0:  # each worker process decodes every workers-th example
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            # grain 0.2.18's mp_prefetch reads an absl flag, which raises unless flags were parsed
+            # (google/grain#1355, fixed after 0.2.18): defaults are what we want.
+            flags.FLAGS.mark_as_parsed()
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=cfg.workers))
+    else:
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
+                                                  prefetch_buffer_size=cfg.prefetch_examples))
+    per_host = cfg.global_batch // count
+    collate = Collate(tokenizer, cfg.image_dtype)
+    it = it.batch(per_host, drop_remainder=True, batch_fn=collate)
+    if cfg.prefetch_batches > 0:
+        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch_batches)
+    fingerprint = {"version": STATE_VERSION, "records": n, "shard": [index, count], "seed": cfg.seed,
+                   "shuffle": cfg.shuffle, "workers": cfg.workers}
+    return Pipeline(_Fingerprinted(it, fingerprint), per_host, (index, count), hi - lo, skips, collate)
+
+
+class _Fingerprinted(grain.IterDataset):
+    """Stamps the iterator state with what the position means, so a mismatched restore is an error."""
+
+    def __init__(self, parent: grain.IterDataset, fingerprint: dict):
+        super().__init__(parent)
+        self._fingerprint = fingerprint
+
+    def __iter__(self):
+        return _FingerprintedIterator(self._parent.__iter__(), self._fingerprint)
+
+
+class _FingerprintedIterator(grain.DatasetIterator):
+    def __init__(self, parent, fingerprint: dict):
+        super().__init__(parent)
+        self._fingerprint = fingerprint
+        _LIVE.add(self)
+
+    def close(self) -> None:
+        super().close()
+        # Let the closed grain iterators go now: grain 0.2.18's prefetch iterators print errors when
+        # first collected during interpreter teardown.
+        self._parents = ()
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict:
+        return {"pipeline": dict(self._fingerprint), "position": self._parent.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        saved = state.get("pipeline") if isinstance(state, dict) else None
+        if saved is None or "position" not in state:
+            raise ValueError("not a jaxdiff input pipeline state (no 'pipeline' / 'position' keys)")
+        diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v}
+        if diff:
+            said = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"the saved data position belongs to a different pipeline ({said}); "
+                             "resume with the same data, seed and host count, or start the data afresh")
+        self._parent.set_state(state["position"])
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+atexit.register(lambda: [it.close() for it in list(_LIVE)])
+
+
+def state_to_bytes(iterator) -> bytes:
+    """The iterator's position as JSON bytes (store it beside the model checkpoint)."""
+    return json.dumps(iterator.get_state(), sort_keys=True).encode()
+
+
+def restore_state(iterator, state: bytes | str | dict) -> None:
+    """Move `iterator` to a position from `state_to_bytes` (or `get_state()`)."""
+    iterator.set_state(json.loads(state) if isinstance(state, (bytes, str)) else state)
+
+
+# --- sources --------------------------------------------------------------------------------------
+
+def synthetic_source(n: int = 1024, resolution: int = 64, seed: int = 0) -> list[dict]:
+    """In-memory decoded uint8 arrays with captions (tests and throughput)."""
+    rng = np.random.default_rng(seed)
+    words = ("red", "blue", "small", "large", "circle", "square", "on the left", "at the top")
+    return [{"image": rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8),
+             "caption": " ".join(rng.choice(words, 4))} for _ in range(n)]
+
+
+def open_source(spec: str, resolution: int = 64, split: str = "train"):
+    """`folder:DIR` | `shapes_world:DATA_DIR` (the TFDS build at `resolution`) | `synthetic[:N]`."""
+    kind, _, arg = spec.partition(":")
+    if kind == "folder" and arg:
+        from jaxdiff.data.folder import open_folder
+        return open_folder(arg)
+    if kind == "shapes_world" and arg:
+        from pathlib import Path
+
+        import tensorflow_datasets as tfds
+
+        import jaxdiff.data.shapes_tfds  # noqa: F401  (registers the builder)
+        built = Path(arg).expanduser() / "shapes_world" / str(resolution)
+        if not built.is_dir():
+            raise FileNotFoundError(f"{built}: no shapes_world build at {resolution} px under {arg} "
+                                    f"(build it first: see docs/input_pipeline.md)")
+        return tfds.data_source(f"shapes_world/{resolution}", split=split, data_dir=str(Path(arg).expanduser()))
+    if kind == "synthetic":
+        return synthetic_source(int(arg) if arg else 1024, resolution)
+    raise ValueError(f"unknown source {spec!r}: expected folder:DIR, shapes_world:DATA_DIR or synthetic[:N]")
+
+
+# --- host batch -> global arrays ------------------------------------------------------------------
+
+def batch_sharding(mesh, rules=None):
+    """NamedSharding of a batch's leading axis, from the BATCH rule of `rules` (default data parallel)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxdiff import sharding as sh
+    axes = dict(sh.DATA_PARALLEL if rules is None else rules).get(sh.BATCH)
+    return NamedSharding(mesh, P(axes))
+
+
+def to_global(batch: dict[str, Any], mesh, rules=None) -> dict:
+    """Every numeric array of a host batch -> one global `jax.Array` split over the mesh's batch axes.
+
+    Non-numeric entries (captions) stay on the host and are left out.
+    """
+    import jax
+
+    sharding = batch_sharding(mesh, rules)
+    axes = sharding.spec[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    split = int(np.prod([mesh.shape[a] for a in axes]))
+    out = {}
+    for key, value in batch.items():
+        if not (isinstance(value, np.ndarray) and value.dtype.kind in "biuf"):
+            continue
+        global_rows = value.shape[0] * jax.process_count()
+        if global_rows % split:
+            raise ValueError(f"global batch {global_rows} does not split over the mesh's batch axes "
+                             f"{axes} ({split} ways): make the global batch a multiple of {split}")
+        out[key] = jax.make_array_from_process_local_data(sharding, value, (global_rows,) + value.shape[1:])
+    return out
