@@ -63,7 +63,7 @@ GiB = 1024 ** 3
 # convolution to YNNPACK by default; its 3x3 convolutions took ~1.45x as long as XLA's Eigen ones on a 2-core
 # EPYC (all sd15 3x3 convs at batch 2, timed one by one: 8.7 s vs 5.6-6.2 s; torch 6.9-7.2 s), so they go
 # back to Eigen. Dots stay on YNNPACK (Eigen or oneDNN dots were no faster).
-TUNED_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+from jaxdiff import CPU_XLA_FLAGS as TUNED_CPU_XLA_FLAGS  # noqa: E402 (jaxdiff sets it by default)
 DTYPES = ("float32", "bfloat16")
 TABLE_COLUMNS = ("date", "benchmark", "preset", "shape", "dtype", "jaxdiff s/call", "torch s/call",
                  "ratio", "compile s", "peak memory", "machine", "notes")
@@ -659,6 +659,8 @@ def main(argv=None):
     if args.repeats < 1 or getattr(args, "batch", 1) < 1:
         raise SystemExit("--repeats and --batch must be at least 1")
     flags = TUNED_CPU_XLA_FLAGS if args.xla_flags is None else args.xla_flags
+    # importing jaxdiff already appended the tuned flag; --xla-flags replaces it
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "").replace(TUNED_CPU_XLA_FLAGS, "").strip()
     if flags:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
     forced = re.search(r"--xla_force_host_platform_device_count=\S*", os.environ.get("XLA_FLAGS", ""))

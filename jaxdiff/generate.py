@@ -34,7 +34,7 @@ def _parser(mode: str) -> argparse.ArgumentParser:
                     "1 = conditional only, 0 = unconditional only)")
     ap.add_argument("--guidance-rescale", type=float, default=None, help="Lin et al.'s rescale, 0..1 (default 0)")
     ap.add_argument("--sampler", default=None, help="ddim, ddpm, euler, euler_a, heun, dpm++2m, dpm++2m_karras, "
-                    "pndm (default: the checkpoint's scheduler)")
+                    "pndm, unipc (default: the checkpoint's scheduler)")
     ap.add_argument("--eta", type=float, default=None, help="DDIM's eta (default 0)")
     ap.add_argument("--clip-skip", type=int, default=None, help="condition on the text encoder's layer -1-k")
     ap.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default 0)")

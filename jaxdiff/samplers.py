@@ -223,9 +223,59 @@ def _plan_pndm(s: Schedule, n: int, begin: int, eta: float):
     return c, 1.0, _vp_start(ab, calls[0]), False
 
 
+def _unipc_coefs(lam, alpha, sigt, s0, t, prev, order):
+    """UniPC-bh2 (Zhao et al. 2023) in data prediction, from s0 to t, with the previous point `prev`
+    for order 2: x_t = A x + M m0 + D (m_prev - m0) [+ E (m_t - m0), the corrector's own term]."""
+    h = lam[t] - lam[s0]
+    hh = -h
+    h_phi_1 = np.expm1(hh)
+    B_h = np.expm1(hh)
+    A, M = sigt[t] / sigt[s0], -alpha[t] * h_phi_1
+    rk = (lam[prev] - lam[s0]) / h if order == 2 else 1.0
+    b, hpk, fact = [], h_phi_1 / hh - 1, 1
+    for i in range(1, order + 1):
+        b.append(hpk * fact / B_h)
+        fact *= i + 1
+        hpk = hpk / hh - 1 / fact
+    return A, M, B_h, rk, np.array(b)
+
+
+def _plan_unipc(s: Schedule, n: int, begin: int, eta: float):
+    c, init, start, stochastic = _plan_dpm(s, n, begin, eta)
+    sig = np.append(c["sigma_s"] / c["alpha_s"], 0.0 if s.final_sigmas_type == "zero" else np.nan)
+    if s.final_sigmas_type != "zero":
+        ab = S.alphas_cumprod(s, sigma_safe=True)
+        sig[-1] = float(np.float32(((1 - ab[0]) / ab[0]) ** 0.5))
+    alpha = 1 / np.sqrt(sig ** 2 + 1)
+    sigt = sig * alpha
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lam = np.log(alpha) - np.log(sigt)
+        rows, prev_order = [], 0
+        for i in range(n):
+            r = dict(pA=0.0, pM=0.0, pD=0.0, cA=0.0, cM=0.0, cD=0.0, cE=0.0, use_c=0.0)
+            if i > begin:                                       # corrector for the previous step
+                A, M, B_h, rk, b = _unipc_coefs(lam, alpha, sigt, i - 1, i, i - 2, prev_order)
+                if prev_order == 1:
+                    rhos = np.array([0.5])
+                else:
+                    rhos = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), b)
+                r.update(use_c=1.0, cA=A, cM=M, cE=-alpha[i] * B_h * rhos[-1],
+                         cD=(-alpha[i] * B_h * rhos[0] / rk) if prev_order == 2 else 0.0)
+            order = min(s.solver_order, n - i) if s.lower_order_final else s.solver_order
+            order = min(order, i - begin + 1)
+            A, M, B_h, rk, _ = _unipc_coefs(lam, alpha, sigt, i, i + 1, i - 1, order)
+            r.update(pA=A, pM=M, pD=(-alpha[i + 1] * B_h * 0.5 / rk) if order == 2 else 0.0)
+            rows.append(r)
+            prev_order = order
+    c = dict(t=c["t"], c_in=c["c_in"], alpha_s=c["alpha_s"], sigma_s=c["sigma_s"],
+             **{k: np.array([r[k] for r in rows]) for k in rows[0]})
+    return c, init, start, stochastic
+
+
 _PLANS = {"ddim": _plan_ddim, "ddpm": _plan_ddpm, "euler": _plan_euler,
           "euler_a": lambda s, n, b, e: _plan_euler(s, n, b, e, ancestral=True),
-          "heun": _plan_heun, "dpm++2m": _plan_dpm, "dpm++2m_karras": _plan_dpm, "pndm": _plan_pndm}
+          "heun": _plan_heun, "dpm++2m": _plan_dpm, "dpm++2m_karras": _plan_dpm, "pndm": _plan_pndm,
+          "unipc": _plan_unipc}
 _ORDER = {"heun": 2}
 
 
@@ -330,15 +380,20 @@ def _step_heun(s, state, x, out, c, noise):
     return jnp.where(first, predictor, corrector), new
 
 
-def _step_dpm(s, state, x, out, c, noise):
-    # DPM-Solver++(2M) (Lu et al. 2022) in data prediction: m = x0 estimate; A, B, C from the log-SNR steps.
+def _data_prediction(s, x, out, c):
+    """The multistep solvers' x0 estimate at x = alpha_s x0 + sigma_s eps (thresholded if configured)."""
     if s.prediction_type == "epsilon":
         m = (x - c["sigma_s"] * out) / c["alpha_s"]
     elif s.prediction_type == "sample":
         m = out
     else:
         m = c["alpha_s"] * x - c["sigma_s"] * out
-    m = _threshold(m, dataclasses.replace(s, clip_sample=False))
+    return _threshold(m, dataclasses.replace(s, clip_sample=False))
+
+
+def _step_dpm(s, state, x, out, c, noise):
+    # DPM-Solver++(2M) (Lu et al. 2022) in data prediction: m = x0 estimate; A, B, C from the log-SNR steps.
+    m = _data_prediction(s, x, out, c)
     x = c["A"] * x + c["B"] * m + c["C"] * (m - state["m"])
     return x, dict(m=m)
 
@@ -355,15 +410,27 @@ def _step_pndm(s, state, x, out, c, noise):
     return c["A"] * src + c["B"] * eff, new
 
 
+def _step_unipc(s, state, x, out, c, noise):
+    # UniPC: correct the previous step with this model output (UniC), then predict the next (UniP).
+    m = _data_prediction(s, x, out, c)
+    m0, m1 = state["m0"], state["m1"]
+    corrected = (c["cA"] * state["last"] + c["cM"] * m0 + c["cD"] * (m1 - m0) + c["cE"] * (m - m0))
+    x = jnp.where(c["use_c"] > 0, corrected, x)
+    x_next = c["pA"] * x + c["pM"] * m + c["pD"] * (m0 - m)
+    return x_next, dict(last=x, m0=m, m1=m0)
+
+
 STEPS: dict[str, Callable] = {"ddim": _step_ddim, "ddpm": _step_ddpm, "euler": _step_euler,
                               "euler_a": _step_euler_a, "heun": _step_heun, "dpm++2m": _step_dpm,
-                              "dpm++2m_karras": _step_dpm, "pndm": _step_pndm}
+                              "dpm++2m_karras": _step_dpm, "pndm": _step_pndm,
+                              "unipc": _step_unipc}
 
 
 def init_state(s: Schedule, x) -> dict:
     z = jnp.zeros_like(x)
     return {"heun": lambda: dict(x=z, d=z), "dpm++2m": lambda: dict(m=z), "dpm++2m_karras": lambda: dict(m=z),
-            "pndm": lambda: dict(ets=jnp.zeros((4,) + x.shape, x.dtype), cur=z)}.get(s.sampler, dict)()
+            "pndm": lambda: dict(ets=jnp.zeros((4,) + x.shape, x.dtype), cur=z),
+            "unipc": lambda: dict(last=z, m0=z, m1=z)}.get(s.sampler, dict)()
 
 
 def add_noise(plan: Plan, x0, noise):

@@ -16,7 +16,7 @@ import numpy as np
 CLASS_TO_SAMPLER = {
     "DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpm++2m", "PNDMScheduler": "pndm",
+    "DPMSolverMultistepScheduler": "dpm++2m", "PNDMScheduler": "pndm", "UniPCMultistepScheduler": "unipc",
 }
 SAMPLER_TO_CLASS = {v: k for k, v in CLASS_TO_SAMPLER.items()}
 SAMPLER_TO_CLASS["dpm++2m_karras"] = "DPMSolverMultistepScheduler"
@@ -40,6 +40,7 @@ DEFAULTS = {
     "dpm++2m": dict(timestep_spacing="linspace"),
     "dpm++2m_karras": dict(timestep_spacing="linspace"),
     "pndm": dict(),
+    "unipc": dict(timestep_spacing="linspace"),
 }
 SAMPLERS = tuple(DEFAULTS)
 
@@ -50,7 +51,7 @@ _SUPPORTED = {
     "timestep_spacing": ("leading", "trailing", "linspace"),
     "final_sigmas_type": ("zero", "sigma_min"),
     "variance_type": ("fixed_small", "fixed_large", "learned_range"),
-    "solver_type": ("midpoint", "heun"),
+    "solver_type": ("midpoint", "heun", "bh1", "bh2", "logrho"),
     "algorithm_type": ("dpmsolver++",),
     "interpolation_type": ("linear",),
     "timestep_type": ("discrete",),
@@ -133,8 +134,16 @@ def resolve(config: dict | None, sampler: str | None = None, **overrides) -> Sch
         raise ScheduleError("euler_a supports prediction_type epsilon or v_prediction, not 'sample'")
     if sampler == "pndm" and values["prediction_type"] == "sample":
         raise ScheduleError("pndm supports prediction_type epsilon or v_prediction, not 'sample'")
-    if sampler.startswith("dpm") and values["solver_order"] not in (1, 2):
-        raise ScheduleError(f"dpm++2m implements solver_order 1 or 2, not {values['solver_order']}")
+    # Solver types cross over as in diffusers: UniPC reads DPM's midpoint/heun as bh2, DPM reads bh1/bh2 as midpoint.
+    if sampler == "unipc":
+        values["solver_type"] = {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}.get(values["solver_type"],
+                                                                                        values["solver_type"])
+        if values["solver_type"] != "bh2" or not config.get("predict_x0", True) or config.get("disable_corrector"):
+            raise ScheduleError("unipc implements solver_type='bh2' with predict_x0=True and no disabled corrector")
+    elif values["solver_type"] in ("bh1", "bh2", "logrho"):
+        values["solver_type"] = "midpoint"
+    if (sampler.startswith("dpm") or sampler == "unipc") and values["solver_order"] not in (1, 2):
+        raise ScheduleError(f"{sampler} implements solver_order 1 or 2, not {values['solver_order']}")
     fields = {f.name for f in dataclasses.fields(Schedule)}
     return Schedule(sampler=sampler, **{k: v for k, v in values.items() if k in fields})
 

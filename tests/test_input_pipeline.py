@@ -225,7 +225,7 @@ def test_global_arrays_on_the_mesh(tok, rules):
 # --- the shapes_world TFDS source -----------------------------------------------------------------
 
 def test_shapes_world_tfds_source(tmp_path):
-    sw_tfds = pytest.importorskip("jaxdiff.data.shapes_tfds")
+    from jaxdiff.data import shapes_tfds as sw_tfds
     sw_tfds.ShapesWorld(config="32", data_dir=str(tmp_path), split_sizes={"train": 24, "validation": 0,
                         "heldout": 0}).download_and_prepare(file_format="array_record")
     src = pl.open_source(f"shapes_world:{tmp_path}", resolution=32)

@@ -16,7 +16,7 @@ V_ZSNR = dict(SD, prediction_type="v_prediction", rescale_betas_zero_snr=True, t
 CLS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
        "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
        "dpm++2m": "DPMSolverMultistepScheduler", "dpm++2m_karras": "DPMSolverMultistepScheduler",
-       "pndm": "PNDMScheduler"}
+       "pndm": "PNDMScheduler", "unipc": "UniPCMultistepScheduler"}
 
 
 def fake_torch(x, t):
@@ -109,6 +109,8 @@ CASES = [
     ("dpm++2m", dict(SD, solver_type="heun", timestep_spacing="leading", thresholding=True), {}),
     ("dpm++2m", dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample", solver_order=1), {}),
     ("pndm", SD, {}), ("pndm", dict(SD, prediction_type="v_prediction", timestep_spacing="trailing"), {}),
+    ("unipc", SD, {}), ("unipc", V_ZSNR, {}), ("unipc", dict(SD, solver_order=1, thresholding=True), {}),
+    ("unipc", dict(SD, prediction_type="sample", timestep_spacing="leading"), dict(n=12)),
 ]
 
 
@@ -117,7 +119,7 @@ def test_sampler_matches_diffusers(sampler, cfg, kw):
     assert_trajectories_match(*run_both(sampler, cfg, **kw))
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "heun", "dpm++2m", "pndm"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "heun", "dpm++2m", "pndm", "unipc"])
 @pytest.mark.parametrize("strength", [0.3, 0.75])
 def test_img2img_slice_matches_diffusers(sampler, strength):
     """SDEdit: noise to the strength's timestep, then the tail of the schedule (diffusers' get_timesteps)."""
