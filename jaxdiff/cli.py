@@ -43,6 +43,7 @@ DELEGATED = {
     "bench": ("jaxdiff.bench", "benchmarks against diffusers (see `jaxdiff bench --help`)"),
     "txt2img": ("jaxdiff.generate:main_txt2img", "generate images from a prompt (see `jaxdiff txt2img --help`)"),
     "img2img": ("jaxdiff.generate:main_img2img", "edit an image towards a prompt (see `jaxdiff img2img --help`)"),
+    "train": ("jaxdiff.train.cli", "train a model (see `jaxdiff train --help`)"),
     "data": ("jaxdiff.data.cli", "build and inspect data sets (see `jaxdiff data --help`)"),
     "eval": ("jaxdiff.eval.cli", "score generated images (see `jaxdiff eval --help`)"),
 }

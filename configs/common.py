@@ -1,0 +1,29 @@
+"""Pieces every training config shares (imported by the config files as `common`)."""
+
+
+def optim(**overrides) -> dict:
+    return dict(dict(learning_rate=1e-3, warmup_steps=100, total_steps=5000, final_lr_ratio=0.1, weight_decay=0.01,
+                     grad_clip=1.0, accumulate=1, frozen=(), ema_decay=0.0), **overrides)
+
+
+def loop(**overrides) -> dict:
+    return dict(dict(steps=5000, seed=0, log_every=20, checkpoint_every=500, keep_checkpoints=3,
+                     async_checkpoints=True, max_bad_steps=5), **overrides)
+
+
+def ldm(**overrides) -> dict:
+    return dict(dict(prediction_type="epsilon", min_snr_gamma=5.0, cond_dropout=0.1, beta_schedule="scaled_linear",
+                     beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, compute_dtype="float32"),
+                **overrides)
+
+
+def apply_arg(c, arg, path):
+    """`:smoke` shrinks a config to 20 steps on synthetic data; anything else is an error."""
+    if arg == "smoke":
+        c.data.source, c.data.global_batch = "synthetic:256", 8
+        c.optim.total_steps = c.loop.steps = 20
+        c.optim.warmup_steps = 2
+        c.loop.log_every, c.loop.checkpoint_every = 5, 10
+    elif arg:
+        raise ValueError(f"{path}: unknown argument {arg!r} (known: smoke)")
+    return c

@@ -1,0 +1,1 @@
+"""Training: one sharded loop, task steps, checkpoints and observability."""

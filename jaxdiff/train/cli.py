@@ -1,0 +1,196 @@
+"""`jaxdiff train --config configs/NAME.py[:arg] --workdir DIR [--config.key=value ...]`.
+
+The config file's ``get_config(arg)`` returns an ml_collections ConfigDict; it is locked, overrides
+are applied (an unknown key is an error naming the known ones), and from there only typed
+dataclasses flow: the task, OptimConfig, LoopConfig, the mesh and the input pipeline.
+Multi-host: ``--coordinator-address HOST:PORT --num-processes N --process-id I`` (or the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) start jax.distributed.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+# keys that may change between a run and its resumption (the rest must match the checkpoints)
+RESUMABLE_KEYS = ("loop.steps", "loop.log_every", "loop.checkpoint_every", "loop.keep_checkpoints",
+                  "loop.async_checkpoints", "loop.sample_every")
+
+
+def load_config(spec: str):
+    """``path.py[:arg]`` -> the locked ConfigDict of its get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise SystemExit(f"jaxdiff train: config file {path} not found")
+    mod_spec = importlib.util.spec_from_file_location(f"jaxdiff_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.path.insert(0, str(Path(path).resolve().parent))     # configs import their shared `common`
+    try:
+        mod_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    if not hasattr(module, "get_config"):
+        raise SystemExit(f"jaxdiff train: {path} has no get_config(arg)")
+    config = module.get_config(arg or None)
+    config.lock()
+    return config
+
+
+def apply_overrides(config, overrides: list[str]):
+    """``key.sub=value`` strings (values as Python literals, else strings) onto a locked config."""
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            raise SystemExit(f"jaxdiff train: --config.{item}: expected --config.KEY=VALUE")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node, parts = config, key.split(".")
+        for i, part in enumerate(parts):
+            known = sorted(node.keys()) if hasattr(node, "keys") else []
+            if part not in known:
+                where = ".".join(parts[:i]) or "the config"
+                raise SystemExit(f"jaxdiff train: unknown config key {key!r} ({where} has {', '.join(known)})")
+            if i < len(parts) - 1:
+                node = node[part]
+        old = node[parts[-1]]
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
+            node[parts[-1]] = value
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"jaxdiff train: --config.{key}={raw}: {e}")
+    return config
+
+
+def _dataclass(cls, values):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise SystemExit(f"jaxdiff train: unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _distributed(args):
+    import jax
+    addr = args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if addr:
+        n = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+        i = args.process_id if args.process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+        if n < 1 or i < 0:
+            raise SystemExit("jaxdiff train: a coordinator address needs --num-processes and --process-id")
+        jax.distributed.initialize(addr, num_processes=n, process_id=i,
+                                   initialization_timeout=args.init_timeout)
+
+
+def build(config, workdir: Path):
+    """The task, tokenizer and frozen parts a config describes."""
+    import jax
+    from flax import linen as nn
+
+    from jaxdiff.convert.diffusers import COMPONENTS
+    from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer
+    from jaxdiff.train import tasks
+    m = config.model
+    sd = None
+    if m.model_dir:
+        from jaxdiff.pretrained import load_pretrained
+        sd = load_pretrained(m.model_dir)
+        tok = sd.tokenizer
+    else:
+        tok_dir = workdir / "tokenizer"
+        if jax.process_index() == 0 and not tok_dir.exists():
+            write_clip_tokenizer(tok_dir)
+        tok = Tokenizer(tok_dir) if tok_dir.exists() else Tokenizer(write_clip_tokenizer(workdir / f"tokenizer.{jax.process_index()}"))
+
+    def preset(kind, name):
+        from jaxdiff import text, unet, vae
+        cfg = {"unet": unet, "vae": vae, "text_encoder": text}[kind].PRESETS[name]
+        if kind == "text_encoder":
+            cfg = dataclasses.replace(cfg, vocab_size=49408)             # the real CLIP vocabulary
+        return cfg
+
+    def random_params(kind, cfg, seed):
+        module = COMPONENTS[kind].module(cfg)
+        return nn.unbox(module.init(jax.random.key(seed), *COMPONENTS[kind].dummy_inputs(cfg))["params"])
+
+    if config.task == "vae":
+        vcfg = sd.vae_config if sd else preset("vae", m.preset)
+        return tasks.vae_task(_dataclass(tasks.VAEConfigTrain, dict(config.vae)), vcfg,
+                              init_params=sd.params["vae"] if sd else None), tok
+    if config.task != "ldm":
+        raise SystemExit(f"jaxdiff train: unknown task {config.task!r} (known: ldm, vae)")
+    if sd:
+        ucfg, vcfg, tcfg = sd.unet_config, sd.vae_config, sd.text_config
+        frozen = {"vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
+        init = sd.params["unet"]
+    else:
+        ucfg, vcfg, tcfg = preset("unet", m.preset), preset("vae", m.preset), preset("text_encoder", m.preset)
+        frozen = {"vae": random_params("vae", vcfg, 1), "text_encoder": random_params("text_encoder", tcfg, 2)}
+        init = None
+    ldm = _dataclass(tasks.LDMConfig, dict(config.ldm))
+    return tasks.ldm_task(ldm, ucfg, vcfg, tcfg, frozen, tok("")[0], init_params=init), tok
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(prog="jaxdiff train", description="Train a model with jaxdiff's one loop.")
+    ap.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
+    ap.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs, config and versions go here")
+    ap.add_argument("--overwrite", action="store_true", help="replace another run's checkpoints in --workdir")
+    ap.add_argument("--coordinator-address", default=None)
+    ap.add_argument("--num-processes", type=int, default=None)
+    ap.add_argument("--process-id", type=int, default=None)
+    ap.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for the other processes")
+    known = [a for a in argv if not a.startswith("--config.")]
+    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    args = ap.parse_args(known)
+    config = apply_overrides(load_config(args.config), overrides)
+    _distributed(args)
+
+    import jax
+
+    from jaxdiff import sharding as sh
+    from jaxdiff.data import pipeline as pl
+    from jaxdiff.train import loop
+    from jaxdiff.train.metrics import MetricWriter, json_safe, write_run_info
+    from jaxdiff.train.optim import OptimConfig
+    workdir = Path(args.workdir)
+    optim = _dataclass(OptimConfig, dict(config.optim))
+    loop_cfg = _dataclass(loop.LoopConfig, dict(config.loop))
+    if config.mesh.rules not in sh.RULE_SETS:
+        raise SystemExit(f"jaxdiff train: mesh.rules {config.mesh.rules!r}: choose one of {sorted(sh.RULE_SETS)}")
+    rules = sh.RULE_SETS[config.mesh.rules]
+    mesh = sh.make_mesh(tuple(config.mesh.shape))
+    source = pl.open_source(config.data.source, resolution=config.data.resolution)
+    fingerprint = {k: v for k, v in _flatten(json_safe(config.to_dict())).items() if k not in RESUMABLE_KEYS}
+    workdir.mkdir(parents=True, exist_ok=True)
+    task, tok = build(config, workdir)
+    pipe = pl.make_pipeline(source, pl.PipelineConfig(resolution=config.data.resolution,
+                                                      global_batch=config.data.global_batch, seed=config.data.seed),
+                            tokenizer=tok)
+    write_run_info(workdir, config, is_main=jax.process_index() == 0,
+                   extra={"mesh": dict(mesh.shape), "devices": jax.device_count()})
+    with MetricWriter(workdir, is_main=jax.process_index() == 0, total_steps=loop_cfg.steps) as writer:
+        state = loop.train(task, optim, loop_cfg, mesh, rules, workdir, iter(pipe.dataset),
+                           lambda b: pl.to_global(b, mesh, rules), fingerprint=fingerprint,
+                           overwrite=args.overwrite, writer=writer,
+                           examples_per_step=config.data.global_batch)
+        writer.log(f"done: step {int(state.step)}, checkpoints in {workdir / 'checkpoints'}, "
+                   f"TensorBoard logs in {workdir / 'tensorboard'}")
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

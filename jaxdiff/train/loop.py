@@ -1,0 +1,173 @@
+"""The one training loop: sharded state, jitted step, orbax checkpoints, exact resume, preemption.
+
+Every model trains through ``train(task, ...)``; a task only supplies its init and loss. The loop
+owns the mesh placement, the step, the data iterator's position, checkpoints (async, keep K, the
+iterator state saved beside the train state), the non-finite-step guard, SIGTERM handling and logs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxdiff.train.optim import OptimConfig
+from jaxdiff.train.step import Task, TrainState, abstract_with_shardings, init_state, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    steps: int = 1000                # total train steps (micro-batches when accumulating)
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    max_bad_steps: int = 5           # stop after this many non-finite steps in a row
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite losses, a workdir that belongs to another run ...)."""
+
+
+class _Preemption:
+    """SIGTERM (a TPU preemption or maintenance event) asks the loop to save and stop at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:           # not the main thread: no handler, nothing to restore
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
+
+
+def check_workdir(workdir: Path, fingerprint: dict, overwrite: bool = False) -> bool:
+    """True if workdir holds this run's checkpoints (resume); an error if it holds another run's."""
+    ckpt, run = workdir / "checkpoints", workdir / "run.json"
+    has_ckpt = ckpt.exists() and any(ckpt.iterdir())
+    if has_ckpt and run.exists():
+        saved = json.loads(run.read_text())
+        if saved != fingerprint and not overwrite:
+            diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+            raise TrainingError(f"{workdir} holds checkpoints of another run (differs in {diff}); use another "
+                                "--workdir, or --overwrite to start this one there")
+    if has_ckpt and overwrite and (not run.exists() or json.loads(run.read_text()) != fingerprint):
+        import shutil
+        shutil.rmtree(ckpt)
+        has_ckpt = False
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = run.with_suffix(".tmp")
+        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True, default=str))
+        os.replace(tmp, run)
+    return has_ckpt
+
+
+def _manager(workdir: Path, cfg: LoopConfig) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every,
+                                        enable_async_checkpointing=cfg.async_checkpoints, create=True)
+    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=opts, item_names=("state", "data"))
+
+
+def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, workdir, batches: Iterator,
+          to_global, *, fingerprint: dict | None = None, overwrite: bool = False, writer: Any = None,
+          on_step=None, examples_per_step: int | None = None) -> TrainState:
+    """Train ``task`` for ``cfg.steps`` steps; resume from workdir's latest checkpoint if it has one.
+
+    batches: a host-batch iterator with get_state()/set_state() (grain's DatasetIterator).
+    to_global(host_batch) -> the batch as global jax.Arrays on ``mesh``.
+    on_step(step, state, metrics): called after every step (tests use it to kill the process).
+    """
+    workdir = Path(workdir)
+    resume = check_workdir(workdir, fingerprint or {}, overwrite)
+    state, shardings, tx = init_state(task, optim, mesh, rules, cfg.seed)
+    rep = NamedSharding(mesh, P())
+    frozen = jax.device_put(task.frozen, rep) if task.frozen is not None else None
+    frozen_sh = jax.tree.map(lambda _: rep, frozen) if frozen is not None else None
+    mngr = _manager(workdir, cfg)
+    if resume and mngr.latest_step() is not None:
+        step0 = mngr.latest_step()
+        restored = mngr.restore(step0, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_with_shardings(state, shardings)),
+            data=ocp.args.JsonRestore()))
+        state = restored["state"]
+        batches.set_state(restored["data"])
+        _log(writer, f"resumed from step {step0} in {workdir / 'checkpoints'}")
+    train_step = None
+    step = int(state.step)
+    t_last, n_last = time.perf_counter(), step
+    try:
+        with _Preemption() as preempt:
+            while step < cfg.steps:
+                host = next(batches)
+                batch = to_global({k: v for k, v in host.items() if isinstance(v, np.ndarray)})
+                if train_step is None:
+                    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+                    train_step = make_train_step(task, tx, optim, shardings, frozen_sh, batch_sh)
+                state, metrics = train_step(state, frozen, batch)
+                step += 1
+                if int(state.bad_steps) >= cfg.max_bad_steps:
+                    raise TrainingError(f"{cfg.max_bad_steps} non-finite steps in a row (loss or gradients "
+                                        f"NaN/Inf) up to step {step}; stopping. Lower the learning rate or "
+                                        "check the data; the last good checkpoint is kept")
+                if on_step is not None:
+                    on_step(step, state, metrics)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    m["steps_per_s"] = (step - n_last) / max(now - t_last, 1e-9)
+                    t_last, n_last = now, step
+                    _scalars(writer, step, m)
+                    if writer is not None:
+                        writer.update_progress(step, loss=m["loss"], examples=examples_per_step)
+                if preempt.requested:
+                    _save(mngr, step, state, batches, force=True)
+                    mngr.wait_until_finished()
+                    _log(writer, f"SIGTERM: saved step {step} and stopped; run the same command to resume")
+                    return state
+                _save(mngr, step, state, batches, force=step == cfg.steps)
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+    return state
+
+
+def _save(mngr, step, state, batches, force=False):
+    if force or mngr.should_save(step):
+        data = json.loads(json.dumps(batches.get_state()))          # the iterator's position, JSON-safe
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
+                  force=force)
+
+
+def _log(writer, msg):
+    if writer is not None:
+        writer.log(msg)
+    elif jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def _scalars(writer, step, m):
+    if writer is not None:
+        writer.write_scalars(step, m)
+    elif jax.process_index() == 0:
+        print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.items())), flush=True)

@@ -1,0 +1,119 @@
+"""Training tasks: the latent-diffusion UNet and the KL-VAE. Each is an init and a loss (``step.Task``)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import schedules as S
+from jaxdiff.text import TextTransformer
+from jaxdiff.train.step import Task
+from jaxdiff.unet import UNet
+from jaxdiff.vae import AutoencoderKL, scale_latents
+
+
+@dataclasses.dataclass(frozen=True)
+class LDMConfig:
+    prediction_type: str = "epsilon"        # the target: epsilon | v_prediction | sample
+    min_snr_gamma: float = 0.0              # > 0: Hang et al. 2023's min-SNR-gamma loss weights
+    cond_dropout: float = 0.1               # probability of training a sample on the empty prompt (CFG)
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    compute_dtype: str = "float32"          # bfloat16: bf16 compute, fp32 master params
+
+
+def _init_like(module, kind, config, key, init_params=None):
+    """Boxed params (logical axis names) from a smallest-input init, or ``init_params`` in those boxes."""
+    from jaxdiff.convert.diffusers import COMPONENTS
+    boxed = module.init(key, *COMPONENTS[kind].dummy_inputs(config))["params"]
+    if init_params is None:
+        return boxed
+    return jax.tree.map(lambda b, p: b.replace_boxed(jnp.asarray(p, b.value.dtype)), boxed, init_params,
+                        is_leaf=lambda b: hasattr(b, "replace_boxed"))
+
+
+def _dtype(name):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict, uncond_ids: np.ndarray,
+             init_params=None) -> Task:
+    """The UNet of a latent diffusion model; ``frozen`` = {"vae": ..., "text_encoder": ...} params.
+
+    init_params: start from these (fine-tuning a checkpoint) instead of a random init; they are
+    boxed with the UNet's logical axis names so they shard like a fresh init.
+    """
+    if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {cfg.prediction_type!r}")
+    dt = _dtype(cfg.compute_dtype)
+    unet = UNet(unet_config, dtype=dt)
+    vae = AutoencoderKL(vae_config)
+    text = TextTransformer(text_config)
+    sched = S.resolve({"beta_schedule": cfg.beta_schedule, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
+                       "num_train_timesteps": cfg.num_train_timesteps}, "ddpm")
+    alphas_cumprod = jnp.asarray(S.alphas_cumprod(sched))
+    uncond = jnp.asarray(uncond_ids, jnp.int32).reshape(1, -1)
+    def init(key):
+        return _init_like(unet, "unet", unet_config, key, init_params)
+
+    def loss(params, frozen, batch, key):
+        k_enc, k_t, k_eps, k_drop = jax.random.split(key, 4)
+        images, ids = batch["image"], batch["tokens"]                   # [B, H, W, 3] in [-1, 1], [B, 77]
+        b = images.shape[0]
+        # 1. z0 ~ q(z | x), scaled as the sampler expects; the VAE is fixed
+        post = vae.apply({"params": frozen["vae"]}, images, method=AutoencoderKL.encode)
+        z0 = jax.lax.stop_gradient(scale_latents(post.sample(k_enc), vae_config))      # [B, H/f, W/f, C]
+        # 2. conditioning dropout: a fraction of samples see the empty prompt (classifier-free guidance)
+        drop = jax.random.uniform(k_drop, (b,)) < cfg.cond_dropout
+        ids = jnp.where(drop[:, None], uncond, ids)
+        ctx = jax.lax.stop_gradient(text.apply({"params": frozen["text_encoder"]}, ids)["last_hidden_state"])
+        # 3. x_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps, t ~ U{0, ..., T - 1}
+        t = jax.random.randint(k_t, (b,), 0, cfg.num_train_timesteps)
+        eps = jax.random.normal(k_eps, z0.shape)
+        ab = alphas_cumprod[t][:, None, None, None]
+        x_t = jnp.sqrt(ab) * z0 + jnp.sqrt(1 - ab) * eps
+        out = unet.apply({"params": params}, x_t, t, ctx).astype(jnp.float32)
+        # 4. the target, and per-sample mean squared error
+        target = {"epsilon": eps, "sample": z0,
+                  "v_prediction": jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * z0}[cfg.prediction_type]
+        mse = jnp.mean((out - target) ** 2, axis=(1, 2, 3))
+        # 5. min-SNR-gamma: w = min(snr, gamma) / snr for eps (/(snr + 1) for v, x1 for x0)
+        w = jnp.ones((b,))
+        if cfg.min_snr_gamma > 0:
+            snr = ab[:, 0, 0, 0] / (1 - ab[:, 0, 0, 0])
+            clipped = jnp.minimum(snr, cfg.min_snr_gamma)
+            w = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[cfg.prediction_type]
+        return jnp.mean(w * mse), {"mse": jnp.mean(mse)}
+
+    return Task("ldm", init, loss, frozen=frozen)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfigTrain:
+    reconstruction: str = "l1"              # l1 | l2
+    kl_weight: float = 1e-6
+    compute_dtype: str = "float32"
+
+
+def vae_task(cfg: VAEConfigTrain, vae_config, init_params=None) -> Task:
+    """The KL-VAE: reconstruction (L1 or L2, per pixel) + kl_weight * KL(q(z|x) || N(0, I)) per pixel."""
+    if cfg.reconstruction not in ("l1", "l2"):
+        raise ValueError(f"reconstruction must be l1 or l2, got {cfg.reconstruction!r}")
+    vae = AutoencoderKL(vae_config, dtype=_dtype(cfg.compute_dtype))
+
+    def init(key):
+        return _init_like(vae, "vae", vae_config, key, init_params)
+
+    def loss(params, frozen, batch, key):
+        x = batch["image"]                                                        # [B, H, W, 3] in [-1, 1]
+        recon, post = vae.apply({"params": params}, x, key)
+        err = jnp.abs(recon.astype(jnp.float32) - x) if cfg.reconstruction == "l1" else (recon.astype(jnp.float32) - x) ** 2
+        rec = jnp.mean(err)
+        kl = jnp.mean(post.kl()) / np.prod(x.shape[1:3])                          # per pixel, like rec
+        return rec + cfg.kl_weight * kl, {"reconstruction": rec, "kl": kl}
+
+    return Task("vae", init, loss)
