@@ -8,12 +8,19 @@ def optim(**overrides) -> dict:
 
 def loop(**overrides) -> dict:
     return dict(dict(steps=5000, seed=0, log_every=20, checkpoint_every=500, keep_checkpoints=3,
-                     async_checkpoints=True, max_bad_steps=5), **overrides)
+                     async_checkpoints=True, max_bad_steps=5, sample_every=0), **overrides)
+
+
+# Shapes-world prompts for the sample grids (two of them name held-out colour-shape pairs).
+SHAPES_PROMPTS = ("a red circle", "a large blue star in the top left", "two green squares",
+                  "a yellow triangle above a purple cross", "an orange circle", "a pink diamond on a white background",
+                  "three cyan crosses", "a red star")
 
 
 def ldm(**overrides) -> dict:
     return dict(dict(prediction_type="epsilon", min_snr_gamma=5.0, cond_dropout=0.1, beta_schedule="scaled_linear",
-                     beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, compute_dtype="float32"),
+                     beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, compute_dtype="float32",
+                     remat=False),
                 **overrides)
 
 
@@ -24,6 +31,8 @@ def apply_arg(c, arg, path):
         c.optim.total_steps = c.loop.steps = 20
         c.optim.warmup_steps = 2
         c.loop.log_every, c.loop.checkpoint_every = 5, 10
+        if "sample_every" in c.loop:
+            c.loop.sample_every = 10
     elif arg:
         raise ValueError(f"{path}: unknown argument {arg!r} (known: smoke)")
     return c

@@ -18,6 +18,7 @@ def get_config(arg=None):
         data=dict(source="shapes_world:data/tfds", resolution=32, global_batch=16, seed=0),
         ldm=common.ldm(),
         optim=common.optim(warmup_steps=200, ema_decay=0.999),
-        loop=common.loop(),
+        loop=common.loop(sample_every=500),
+        sample_prompts=common.SHAPES_PROMPTS,
         mesh=dict(shape=(-1, 1, 1), rules="data_parallel")))
     return common.apply_arg(c, arg, __file__)

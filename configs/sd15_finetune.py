@@ -18,7 +18,7 @@ def get_config(arg=None):
         task="ldm",
         model=dict(preset="sd15", model_dir=""),
         data=dict(source="folder:/data/images", resolution=512, global_batch=256, seed=0),
-        ldm=common.ldm(compute_dtype="bfloat16"),
+        ldm=common.ldm(compute_dtype="bfloat16", remat=True),
         optim=common.optim(learning_rate=1e-5, warmup_steps=500, total_steps=20000, ema_decay=0.9999),
         loop=common.loop(steps=20000, log_every=50, checkpoint_every=1000, max_bad_steps=10),
         mesh=dict(shape=(1, -1, 1), rules="fsdp")))

@@ -548,7 +548,8 @@ def update_markdown(path: Path, row: dict, columns=TABLE_COLUMNS):
     header = "| " + " | ".join(columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
     line = "| " + " | ".join(str(row[c]).replace("|", "/") for c in columns) + " |"
-    key_cols = ("date", "benchmark", "preset", "shape", "dtype", "machine", "notes")
+    key_cols = tuple(c for c in ("date", "benchmark", "preset", "shape", "dtype", "devices", "machine", "notes")
+                     if c in columns)
     key = tuple(row[c] for c in key_cols)
     if path.exists():
         lines = path.read_text().splitlines()
@@ -646,8 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also trace one jaxdiff call with jax.profiler into DIR and print where its wall "
                         "time goes, and torch.profiler's top ops for one torch call")
     u.add_argument("--note", default="", help="free text for the table's notes column")
-    from jaxdiff import bench_pipeline
+    from jaxdiff import bench_pipeline, bench_train
     bench_pipeline.add_parser(sub)
+    bench_train.add_parser(sub)
     return p
 
 
@@ -669,11 +671,17 @@ def main(argv=None):
         log(f"dropped {forced.group(0)} from XLA_FLAGS: the benchmark runs on one plain CPU device")
     from jaxdiff import attention
     attention.DEFAULT_IMPLEMENTATION = None if getattr(args, "attention", "auto") == "auto" else args.attention
+    if args.benchmark == "train":   # compares 1 and N devices of one process: N fake CPU devices
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                                   + str(max(int(d) for d in args.devices.split(",")))).strip()
     env = environment()  # starts the JAX backend
     log(f"{env['machine']}; jax {env['jax']} on {env['device']}, XLA_FLAGS={env['xla_flags']!r}"
         + (f"; torch {env['torch']} with {env['torch_threads']} threads" if "torch" in env else ""))
     started = _dt.datetime.now()
-    if args.benchmark == "txt2img":
+    if args.benchmark == "train":
+        from jaxdiff import bench_train
+        r = bench_train.bench_train(args)
+    elif args.benchmark == "txt2img":
         from jaxdiff import bench_pipeline
         r = bench_pipeline.bench_txt2img(args)
     else:
@@ -684,7 +692,13 @@ def main(argv=None):
     out = Path(args.out or f"bench_out/{args.benchmark}_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2) + "\n")
-    if args.benchmark == "txt2img":
+    if args.benchmark == "train":
+        if args.markdown:
+            for row in bench_train.table_rows(r):
+                update_markdown(Path(args.markdown), row, bench_train.COLUMNS)
+        print(json.dumps([{k: x[k] for k in ("devices", "examples_per_s", "compile_s", "flops_per_step")}
+                          for x in r["runs"]], indent=1))
+    elif args.benchmark == "txt2img":
         if args.markdown:
             update_markdown(Path(args.markdown), bench_pipeline.table_row(r), bench_pipeline.COLUMNS)
         print(json.dumps({k: r[k] for k in ("jaxdiff", "torch", "ratio", "check") if k in r}, indent=1, default=str))

@@ -154,20 +154,22 @@ class _Stage(nn.Module):
     heads: int | None            # None: no cross-attention in this block
     layers: int = 1              # transformer blocks per Transformer2D
     resample: str | None = None  # "down" | "up" | None
+    remat: bool = False          # recompute each resnet / transformer in the backward pass
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, temb, context, skips=(), up_size=None):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
         outs = []
         for j in range(self.num_resnets):
             if skips:
                 x = jnp.concatenate([x, skips[j]], axis=-1)
-            x = ResnetBlock2D(self.channels, cfg.norm_num_groups, cfg.norm_eps,
-                              name=f"resnets_{j}", **kw)(x, temb)
+            x = resnet(self.channels, cfg.norm_num_groups, cfg.norm_eps,
+                       name=f"resnets_{j}", **kw)(x, temb)
             if self.heads is not None:
-                x = _transformer(cfg, self.heads, self.layers, f"attentions_{j}", kw)(x, context)
+                x = _transformer(cfg, self.heads, self.layers, f"attentions_{j}", kw, self.remat)(x, context)
             outs.append(x)
         if self.resample == "down":
             x = Downsample2D(self.channels, name="downsamplers_0", **kw)(x)
@@ -195,14 +197,17 @@ class _Mid(nn.Module):
         return ResnetBlock2D(ch, cfg.norm_num_groups, cfg.norm_eps, name="resnets_1", **kw)(x, temb)
 
 
-def _transformer(cfg: UNetConfig, heads: int, layers: int, name: str, kw: dict) -> Transformer2D:
-    return Transformer2D(heads, layers, cfg.norm_num_groups, cfg.use_linear_projection,
-                         cfg.upcast_attention, cfg.only_cross_attention, name=name, **kw)
+def _transformer(cfg: UNetConfig, heads: int, layers: int, name: str, kw: dict, remat: bool = False):
+    cls = nn.remat(Transformer2D) if remat else Transformer2D
+    return cls(heads, layers, cfg.norm_num_groups, cfg.use_linear_projection,
+               cfg.upcast_attention, cfg.only_cross_attention, name=name, **kw)
 
 
 class UNet(nn.Module):
-    """Noise prediction eps(x_t, t, context): sample [B, H, W, C_in] -> [B, H, W, C_out]."""
+    """Noise prediction eps(x_t, t, context): sample [B, H, W, C_in] -> [B, H, W, C_out].
+    ``remat``: rematerialise every resnet and transformer block in the backward pass (training)."""
     config: UNetConfig
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -230,7 +235,7 @@ class UNet(nn.Module):
         for i, (ch, kind) in enumerate(zip(cfg.block_out_channels, cfg.down_block_types)):
             x, outs = _Stage(cfg, ch, cfg.layers_per_block,
                              cfg.num_attention_heads[i] if kind == CROSS_DOWN else None,
-                             cfg.transformer_layers_per_block[i], "down" if i < n - 1 else None,
+                             cfg.transformer_layers_per_block[i], "down" if i < n - 1 else None, self.remat,
                              name=f"down_blocks_{i}", **kw)(x, temb, context)
             skips += outs
         if cfg.mid_block:
@@ -240,7 +245,7 @@ class UNet(nn.Module):
             block_skips = [skips.pop() for _ in range(cfg.layers_per_block + 1)]
             last = i == n - 1
             x, _ = _Stage(cfg, ch, cfg.layers_per_block + 1, heads_up[i] if kind == CROSS_UP else None,
-                          layers_up[i], None if last else "up", name=f"up_blocks_{i}", **kw)(
+                          layers_up[i], None if last else "up", self.remat, name=f"up_blocks_{i}", **kw)(
                 x, temb, context, block_skips, None if last else skips[-1].shape[1:3])
 
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))

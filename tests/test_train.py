@@ -234,3 +234,19 @@ def test_tiny_ldm_overfits_one_batch():
         losses.append(float(m["loss"]))
     first, last = np.mean(losses[:10]), np.mean(losses[-20:])
     assert last < first / 10, (first, last)
+
+
+def test_remat_gives_the_same_gradients():
+    """nn.remat per block recomputes activations in the backward pass; the numbers must not change."""
+    from jaxdiff import unet as U
+    cfg = U.PRESETS["tiny"]
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    ctx = jax.random.normal(jax.random.key(1), (2, 5, cfg.cross_attention_dim))
+    params = nn.unbox(U.UNet(cfg).init(jax.random.key(2), x, jnp.zeros((2,)), ctx)["params"])
+
+    def grads(remat):
+        f = lambda p: jnp.mean(U.UNet(cfg, remat=remat).apply({"params": p}, x, jnp.array([3.0, 500.0]), ctx) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f))(params)
+    (l0, g0), (l1, g1) = grads(False), grads(True)
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g0, g1)

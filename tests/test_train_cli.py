@@ -9,11 +9,12 @@ from jaxdiff.train import cli
 def test_ldm_smoke_run_then_resume(tmp_path, capsys):
     work = tmp_path / "run"
     cli.main(["--config", "configs/ldm_shapes.py:smoke", "--workdir", str(work), "--config.loop.steps=6",
-              "--config.loop.checkpoint_every=3", "--config.loop.log_every=3"])
+              "--config.loop.checkpoint_every=3", "--config.loop.log_every=3", "--config.loop.sample_every=6"])
     out = capsys.readouterr().out
     assert "step 6" in out and "done: step 6" in out
     assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())[-1] == 6
     assert any((work / "tensorboard").iterdir())
+    assert sorted(p.name for p in (work / "samples").glob("*.png")) == ["step_00000006_samples.png"]
     config = json.loads((work / "config.json").read_text())
     assert config["loop"]["steps"] == 6 and config["task"] == "ldm"
     assert json.loads((work / "versions.json").read_text())["packages"]["jax"]

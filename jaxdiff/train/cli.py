@@ -79,11 +79,14 @@ def _dataclass(cls, values):
 def _distributed(args):
     import jax
     addr = args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if addr:
+    if args.distributed and not addr:
+        jax.distributed.initialize(initialization_timeout=args.init_timeout)   # auto-detected cluster
+    elif addr:
         n = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
         i = args.process_id if args.process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "-1"))
         if n < 1 or i < 0:
             raise SystemExit("jaxdiff train: a coordinator address needs --num-processes and --process-id")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes talk over gloo
         jax.distributed.initialize(addr, num_processes=n, process_id=i,
                                    initialization_timeout=args.init_timeout)
 
@@ -104,9 +107,14 @@ def build(config, workdir: Path):
         tok = sd.tokenizer
     else:
         tok_dir = workdir / "tokenizer"
-        if jax.process_index() == 0 and not tok_dir.exists():
-            write_clip_tokenizer(tok_dir)
-        tok = Tokenizer(tok_dir) if tok_dir.exists() else Tokenizer(write_clip_tokenizer(workdir / f"tokenizer.{jax.process_index()}"))
+        if not tok_dir.exists():          # each process writes its own copy, then renames it into place
+            tmp = write_clip_tokenizer(workdir / f".tokenizer.{jax.process_index()}.{os.getpid()}")
+            try:
+                os.rename(tmp, tok_dir)
+            except OSError:               # another process was first: theirs is the same
+                import shutil
+                shutil.rmtree(tmp, ignore_errors=True)
+        tok = Tokenizer(tok_dir)
 
     def preset(kind, name):
         from jaxdiff import text, unet, vae
@@ -134,7 +142,10 @@ def build(config, workdir: Path):
         frozen = {"vae": random_params("vae", vcfg, 1), "text_encoder": random_params("text_encoder", tcfg, 2)}
         init = None
     ldm = _dataclass(tasks.LDMConfig, dict(config.ldm))
-    return tasks.ldm_task(ldm, ucfg, vcfg, tcfg, frozen, tok("")[0], init_params=init), tok
+    prompts = list(config.get("sample_prompts", ())) or None
+    return tasks.ldm_task(ldm, ucfg, vcfg, tcfg, frozen, tok("")[0], init_params=init,
+                          sample_ids=tok(prompts) if prompts else None,
+                          sample_resolution=config.data.resolution), tok
 
 
 def main(argv=None):
@@ -147,6 +158,8 @@ def main(argv=None):
     ap.add_argument("--num-processes", type=int, default=None)
     ap.add_argument("--process-id", type=int, default=None)
     ap.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for the other processes")
+    ap.add_argument("--distributed", action="store_true",
+                    help="start jax.distributed with the cluster's own settings (TPU pod, SLURM ...)")
     known = [a for a in argv if not a.startswith("--config.")]
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     args = ap.parse_args(known)

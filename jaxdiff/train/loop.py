@@ -32,6 +32,7 @@ class LoopConfig:
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     max_bad_steps: int = 5           # stop after this many non-finite steps in a row
+    sample_every: int = 0            # > 0: a sample image grid (the task's `sample`) to TensorBoard
 
 
 class TrainingError(RuntimeError):
@@ -113,7 +114,7 @@ def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, wo
         state = restored["state"]
         batches.set_state(restored["data"])
         _log(writer, f"resumed from step {step0} in {workdir / 'checkpoints'}")
-    train_step = None
+    train_step = sampler = None
     step = int(state.step)
     t_last, n_last = time.perf_counter(), step
     try:
@@ -140,7 +141,14 @@ def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, wo
                     _scalars(writer, step, m)
                     if writer is not None:
                         writer.update_progress(step, loss=m["loss"], examples=examples_per_step)
-                if preempt.requested:
+                if cfg.sample_every and task.sample is not None and writer is not None and (
+                        step % cfg.sample_every == 0 or step == cfg.steps):
+                    if sampler is None:
+                        sampler = jax.jit(task.sample, out_shardings=rep)
+                    key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000_019)     # the same noise every time
+                    images = sampler(state.ema if state.ema is not None else state.params, frozen, key)
+                    writer.write_images(step, {"samples": np.asarray(images)})
+                if _stop_requested(preempt, step):
                     _save(mngr, step, state, batches, force=True)
                     mngr.wait_until_finished()
                     _log(writer, f"SIGTERM: saved step {step} and stopped; run the same command to resume")
@@ -150,6 +158,15 @@ def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, wo
         mngr.wait_until_finished()
         mngr.close()
     return state
+
+
+def _stop_requested(preempt, step) -> bool:
+    """One process: our SIGTERM flag. Several: JAX's preemption service (started by
+    jax.distributed.initialize) makes every process agree on the same step to stop at."""
+    if jax.process_count() == 1:
+        return preempt.requested
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.reached_preemption_sync_point(step))
 
 
 def _save(mngr, step, state, batches, force=False):

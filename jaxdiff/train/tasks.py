@@ -24,6 +24,7 @@ class LDMConfig:
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
     compute_dtype: str = "float32"          # bfloat16: bf16 compute, fp32 master params
+    remat: bool = False                     # recompute UNet blocks in the backward pass (less memory)
 
 
 def _init_like(module, kind, config, key, init_params=None):
@@ -41,7 +42,8 @@ def _dtype(name):
 
 
 def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict, uncond_ids: np.ndarray,
-             init_params=None) -> Task:
+             init_params=None, sample_ids: np.ndarray | None = None, sample_resolution: int = 32,
+             sample_steps: int = 20, sample_guidance: float = 3.0) -> Task:
     """The UNet of a latent diffusion model; ``frozen`` = {"vae": ..., "text_encoder": ...} params.
 
     init_params: start from these (fine-tuning a checkpoint) instead of a random init; they are
@@ -50,7 +52,7 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
     if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {cfg.prediction_type!r}")
     dt = _dtype(cfg.compute_dtype)
-    unet = UNet(unet_config, dtype=dt)
+    unet = UNet(unet_config, remat=cfg.remat, dtype=dt)
     vae = AutoencoderKL(vae_config)
     text = TextTransformer(text_config)
     sched = S.resolve({"beta_schedule": cfg.beta_schedule, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
@@ -89,7 +91,29 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
             w = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[cfg.prediction_type]
         return jnp.mean(w * mse), {"mse": jnp.mean(mse)}
 
-    return Task("ldm", init, loss, frozen=frozen)
+    sample = None
+    if sample_ids is not None:
+        from jaxdiff import guidance as G
+        from jaxdiff import samplers as SM
+        ddim = S.resolve({"beta_schedule": cfg.beta_schedule, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
+                          "num_train_timesteps": cfg.num_train_timesteps, "prediction_type": cfg.prediction_type,
+                          "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}, "ddim")
+        plan = SM.make_plan(ddim, sample_steps)
+        prompts = jnp.asarray(sample_ids, jnp.int32)
+        lat = (prompts.shape[0], sample_resolution // vae_config.downscale, sample_resolution // vae_config.downscale,
+               unet_config.in_channels)
+
+        def sample(params, frozen, key):
+            """Sample grid: the fixed prompts, DDIM, classifier-free guidance (the sampling code's)."""
+            encode = lambda ids: text.apply({"params": frozen["text_encoder"]}, ids)["last_hidden_state"]  # noqa: E731
+            ctx_c, ctx_u = encode(prompts), encode(jnp.broadcast_to(uncond, prompts.shape))
+            model = lambda x, t, c: unet.apply({"params": params}, x, t, c).astype(jnp.float32)  # noqa: E731
+            denoise = G.classifier_free(model, ctx_c, ctx_u, sample_guidance)
+            x = SM.sample(denoise, ddim, plan.arrays, jax.random.normal(key, lat))
+            img = vae.apply({"params": frozen["vae"]}, x / vae_config.scaling_factor, method=AutoencoderKL.decode)
+            return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+    return Task("ldm", init, loss, frozen=frozen, sample=sample)
 
 
 @dataclasses.dataclass(frozen=True)
