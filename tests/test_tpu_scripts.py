@@ -291,13 +291,13 @@ def test_launch_then_stop_on_a_worker(cloud, worker):
     assert launch[:5] == ["compute", "tpus", "tpu-vm", "ssh", "jaxdiff-v5e-16"]
     assert "--worker=all" in launch and "--zone=us-west4-a" in launch and "--project=my-proj" in launch
     command = remote_command(launch)
-    assert "jaxdiff train --config configs/sd15_finetune.py" in command
+    assert "jaxdiff train --distributed --config configs/sd15_finetune.py" in command
 
     # What each worker does with that command: the trainer gets exactly our arguments and env.
     r = worker.ssh(command)
     assert r.returncode == 0, r.stderr
     rec = worker.record()
-    assert rec["argv"] == ["train", *TRAIN_ARGS]
+    assert rec["argv"] == ["train", "--distributed", *TRAIN_ARGS]
     assert rec["LIBTPU_INIT_ARGS"] == "--xla_a=1 --xla_b=2"
     assert rec["cwd"] == str(worker.repo)
 
@@ -312,7 +312,7 @@ def test_launch_then_stop_on_a_worker(cloud, worker):
     assert "sent SIGTERM" in r.stdout and "stopped; the log ends:" in r.stdout
     assert r.stdout.rstrip().endswith("] SIGTERM: saved step 7 and stopped")
     log = worker.log()
-    assert "jaxdiff train --config configs/sd15_finetune.py" in log.splitlines()[0]   # the === header
+    assert "jaxdiff train --distributed --config configs/sd15_finetune.py" in log.splitlines()[0]   # the === header
     assert "step 1" in log
     status = worker.ssh("cd jaxdiff && bash tpu_scripts/worker.sh status")
     assert "not running" in status.stdout
@@ -340,7 +340,7 @@ def test_finetune_sd15_v5e(cloud, worker):
     r = worker.ssh(remote_command(launch))
     assert r.returncode == 0, r.stderr
     assert worker.record()["argv"] == [
-        "train", "--config", "configs/sd15_finetune.py", "--workdir", "gs://my-bucket/jaxdiff/runs/sd15-v5e16",
+        "train", "--distributed", "--config", "configs/sd15_finetune.py", "--workdir", "gs://my-bucket/jaxdiff/runs/sd15-v5e16",
         "--config.model.model_dir=/var/tmp/jaxdiff/sd15", "--config.data.source=folder:/var/tmp/jaxdiff/data",
         "--config.data.global_batch=128", "--config.mesh.shape=(1,-1,1)", "--config.loop.steps=10"]
     assert worker.ssh("cd jaxdiff && bash tpu_scripts/worker.sh stop -t 10").returncode == 0

@@ -46,7 +46,7 @@ fi
 # worker.sh start [env NAME=VALUE...] jaxdiff train ARGS: `env` sets the variables for the trainer.
 command=(start)
 [[ ${#envs[@]} -eq 0 ]] || command+=(env "${envs[@]}")
-command+=(jaxdiff train "$@")
+command+=(jaxdiff train --distributed "$@")
 tpu_ssh all "$(worker_command "${command[@]}")" ||
   die "starting on some worker failed (its log is above); end the others with tpu_scripts/stop.sh"
 echo "running on every worker of $TPU_NAME: follow with tpu_scripts/tail.sh, stop (saves a checkpoint) with tpu_scripts/stop.sh"
