@@ -91,7 +91,7 @@ def _distributed(args):
                                    initialization_timeout=args.init_timeout)
 
 
-def build(config, workdir: Path):
+def build(config):
     """The task, tokenizer and frozen parts a config describes."""
     import jax
     from flax import linen as nn
@@ -106,15 +106,8 @@ def build(config, workdir: Path):
         sd = load_pretrained(m.model_dir)
         tok = sd.tokenizer
     else:
-        tok_dir = workdir / "tokenizer"
-        if not tok_dir.exists():          # each process writes its own copy, then renames it into place
-            tmp = write_clip_tokenizer(workdir / f".tokenizer.{jax.process_index()}.{os.getpid()}")
-            try:
-                os.rename(tmp, tok_dir)
-            except OSError:               # another process was first: theirs is the same
-                import shutil
-                shutil.rmtree(tmp, ignore_errors=True)
-        tok = Tokenizer(tok_dir)
+        import tempfile                   # the CLIP vocabulary, built locally by every process
+        tok = Tokenizer(write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")) / "tokenizer"))
 
     def preset(kind, name):
         from jaxdiff import text, unet, vae
@@ -173,7 +166,10 @@ def main(argv=None):
     from jaxdiff.train import loop
     from jaxdiff.train.metrics import MetricWriter, json_safe, write_run_info
     from jaxdiff.train.optim import OptimConfig
-    workdir = Path(args.workdir)
+    from etils import epath
+    workdir = epath.Path(args.workdir)
+    # logs, samples, config.json and versions.json: the workdir, or ./logs/NAME for a bucket workdir
+    logdir = Path(args.workdir) if "://" not in args.workdir else Path("logs") / workdir.name
     optim = _dataclass(OptimConfig, dict(config.optim))
     loop_cfg = _dataclass(loop.LoopConfig, dict(config.loop))
     if config.mesh.rules not in sh.RULE_SETS:
@@ -183,19 +179,20 @@ def main(argv=None):
     source = pl.open_source(config.data.source, resolution=config.data.resolution)
     fingerprint = {k: v for k, v in _flatten(json_safe(config.to_dict())).items() if k not in RESUMABLE_KEYS}
     workdir.mkdir(parents=True, exist_ok=True)
-    task, tok = build(config, workdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    task, tok = build(config)
     pipe = pl.make_pipeline(source, pl.PipelineConfig(resolution=config.data.resolution,
                                                       global_batch=config.data.global_batch, seed=config.data.seed),
                             tokenizer=tok)
-    write_run_info(workdir, config, is_main=jax.process_index() == 0,
-                   extra={"mesh": dict(mesh.shape), "devices": jax.device_count()})
-    with MetricWriter(workdir, is_main=jax.process_index() == 0, total_steps=loop_cfg.steps) as writer:
+    write_run_info(logdir, config, is_main=jax.process_index() == 0,
+                   extra={"mesh": dict(mesh.shape), "devices": jax.device_count(), "workdir": str(workdir)})
+    with MetricWriter(logdir, is_main=jax.process_index() == 0, total_steps=loop_cfg.steps) as writer:
         state = loop.train(task, optim, loop_cfg, mesh, rules, workdir, iter(pipe.dataset),
                            lambda b: pl.to_global(b, mesh, rules), fingerprint=fingerprint,
                            overwrite=args.overwrite, writer=writer,
                            examples_per_step=config.data.global_batch)
         writer.log(f"done: step {int(state.step)}, checkpoints in {workdir / 'checkpoints'}, "
-                   f"TensorBoard logs in {workdir / 'tensorboard'}")
+                   f"TensorBoard logs in {logdir / 'tensorboard'}")
 
 
 def _flatten(d, prefix=""):

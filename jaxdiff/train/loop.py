@@ -11,12 +11,12 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdiff.train.optim import OptimConfig
@@ -62,8 +62,10 @@ class _Preemption:
         return False
 
 
-def check_workdir(workdir: Path, fingerprint: dict, overwrite: bool = False) -> bool:
-    """True if workdir holds this run's checkpoints (resume); an error if it holds another run's."""
+def check_workdir(workdir, fingerprint: dict, overwrite: bool = False) -> bool:
+    """True if workdir holds this run's checkpoints (resume); an error if it holds another run's.
+    ``workdir`` may be local or a bucket (``gs://...``: etils.epath, with gcsfs installed)."""
+    workdir = epath.Path(workdir)
     ckpt, run = workdir / "checkpoints", workdir / "run.json"
     has_ckpt = ckpt.exists() and any(ckpt.iterdir())
     if has_ckpt and run.exists():
@@ -73,21 +75,23 @@ def check_workdir(workdir: Path, fingerprint: dict, overwrite: bool = False) -> 
             raise TrainingError(f"{workdir} holds checkpoints of another run (differs in {diff}); use another "
                                 "--workdir, or --overwrite to start this one there")
     if has_ckpt and overwrite and (not run.exists() or json.loads(run.read_text()) != fingerprint):
-        import shutil
-        shutil.rmtree(ckpt)
+        if jax.process_index() == 0:
+            ckpt.rmtree()
         has_ckpt = False
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = run.with_suffix(".tmp")
+        tmp = run.parent / (run.name + ".tmp")
         tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True, default=str))
-        os.replace(tmp, run)
+        tmp.replace(run)
     return has_ckpt
 
 
-def _manager(workdir: Path, cfg: LoopConfig) -> ocp.CheckpointManager:
+def _manager(workdir, cfg: LoopConfig) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every,
                                         enable_async_checkpointing=cfg.async_checkpoints, create=True)
-    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=opts, item_names=("state", "data"))
+    ckpt = workdir / "checkpoints"
+    ckpt = ckpt if "://" in str(workdir) else epath.Path(os.path.abspath(ckpt))
+    return ocp.CheckpointManager(ckpt, options=opts, item_names=("state", "data"))
 
 
 def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, workdir, batches: Iterator,
@@ -99,7 +103,7 @@ def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, wo
     to_global(host_batch) -> the batch as global jax.Arrays on ``mesh``.
     on_step(step, state, metrics): called after every step (tests use it to kill the process).
     """
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     resume = check_workdir(workdir, fingerprint or {}, overwrite)
     state, shardings, tx = init_state(task, optim, mesh, rules, cfg.seed)
     rep = NamedSharding(mesh, P())
