@@ -4,8 +4,9 @@
     jaxdiff train --config configs/ldm_shapes.py --workdir runs/ldm_shapes [--config.loop.steps=5000]
     jaxdiff train --config configs/ldm_shapes.py:smoke --workdir /tmp/smoke     # 20 steps on synthetic data
 
-The frozen VAE and text encoder are the `tiny` presets with seeded random weights until a trained
-shapes-world VAE can be plugged in; the UNet learns in their latent space.
+The frozen VAE is a VAE run of `configs/vae_shapes.py` given as `--config.model.vae_workdir=runs/vae_shapes`
+(its newest checkpoint, EMA if it kept one), else the `tiny` preset with seeded random weights; the
+text encoder is the `tiny` preset with seeded random weights (CLIP training is a later issue).
 """
 import common
 import ml_collections as mlc
@@ -14,7 +15,7 @@ import ml_collections as mlc
 def get_config(arg=None):
     c = mlc.ConfigDict(dict(
         task="ldm",
-        model=dict(preset="tiny", model_dir=""),
+        model=dict(preset="tiny", model_dir="", vae_workdir=""),
         data=dict(source="shapes_world:data/tfds", resolution=32, global_batch=16, seed=0),
         ldm=common.ldm(),
         optim=common.optim(warmup_steps=200, ema_decay=0.999),

@@ -47,3 +47,27 @@ def test_config_errors(tmp_path):
         c = cli.load_config(f"configs/{name}.py")
         with pytest.raises(Exception):
             c.new_key = 1
+
+
+def test_vae_with_discriminator_then_ldm_on_it(tmp_path, capsys):
+    """The VAE task's patch discriminator joins after its warm-up; an LDM then trains on that VAE."""
+    import numpy as np
+
+    from jaxdiff.train.loop import load_run_params
+    vae_dir = tmp_path / "vae"
+    cli.main(["--config", "configs/vae_shapes.py:smoke", "--workdir", str(vae_dir), "--config.loop.steps=4",
+              "--config.loop.log_every=1", "--config.vae.disc_start=2"])
+    out = capsys.readouterr().out
+    on = [ln for ln in out.splitlines() if ln.startswith("step ") and "disc_on=" in ln]
+    assert [ln.split("disc_on=")[1].split(",")[0] for ln in on] == ["0", "0", "1", "1"]   # steps 1-2 warm-up
+    params, step = load_run_params(vae_dir)
+    assert step == 4 and set(params) == {"vae", "disc"}
+    cli.main(["--config", "configs/ldm_shapes.py:smoke", "--workdir", str(tmp_path / "ldm"), "--config.loop.steps=2",
+              f"--config.model.vae_workdir={vae_dir}", "--config.loop.sample_every=0"])
+    assert f"frozen VAE: {vae_dir} (step 4)" in capsys.readouterr().out
+    from jaxdiff.train import cli as C
+    import jax
+    c = C.apply_overrides(C.load_config("configs/ldm_shapes.py:smoke"), [f"model.vae_workdir={vae_dir}"])
+    task, _ = C.build(c)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 task.frozen["vae"], params["vae"])

@@ -134,6 +134,15 @@ def build(config):
         ucfg, vcfg, tcfg = preset("unet", m.preset), preset("vae", m.preset), preset("text_encoder", m.preset)
         frozen = {"vae": random_params("vae", vcfg, 1), "text_encoder": random_params("text_encoder", tcfg, 2)}
         init = None
+    if m.get("vae_workdir"):                      # a VAE trained with `jaxdiff train --config configs/vae_*.py`
+        from jaxdiff.train.loop import load_run_params
+        vae_params, step = load_run_params(m.vae_workdir)
+        vae_params = vae_params.get("vae", vae_params)              # trained with a discriminator
+        shapes = jax.tree.map(lambda x: x.shape, frozen["vae"])
+        if jax.tree.map(lambda x: x.shape, vae_params) != shapes:
+            raise SystemExit(f"jaxdiff train: the VAE in {m.vae_workdir} does not match model.preset={m.preset!r}")
+        frozen["vae"] = vae_params
+        print(f"frozen VAE: {m.vae_workdir} (step {step})", flush=True)
     ldm = _dataclass(tasks.LDMConfig, dict(config.ldm))
     prompts = list(config.get("sample_prompts", ())) or None
     return tasks.ldm_task(ldm, ucfg, vcfg, tcfg, frozen, tok("")[0], init_params=init,

@@ -164,6 +164,22 @@ def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, wo
     return state
 
 
+def load_run_params(workdir, *, prefer_ema: bool = True):
+    """The params (or their EMA) of a run's newest checkpoint, as saved; e.g. a trained VAE for an LDM."""
+    ckpt = epath.Path(workdir) / "checkpoints"
+    ckpt = ckpt if "://" in str(workdir) else epath.Path(os.path.abspath(ckpt))
+    if not ckpt.exists():
+        raise TrainingError(f"{workdir}: no checkpoints folder (is it a `jaxdiff train` workdir?)")
+    mngr = ocp.CheckpointManager(ckpt, item_names=("state", "data"))
+    step = mngr.latest_step()
+    if step is None:
+        raise TrainingError(f"{workdir}: no finished checkpoint")
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mngr.close()
+    params = state["ema"] if prefer_ema and state.get("ema") is not None else state["params"]
+    return params, step
+
+
 def _stop_requested(preempt, step) -> bool:
     """One process: our SIGTERM flag. Several: JAX's preemption service (started by
     jax.distributed.initialize) makes every process agree on the same step to stop at."""

@@ -28,6 +28,7 @@ class Task:
     loss: Callable
     frozen: Any = None
     sample: Callable | None = None     # (params, frozen, key) -> images [N, H, W, 3] in [0, 1]
+    uses_step: bool = False            # loss(..., key, step): for schedules inside the loss (GAN warm-up)
 
 
 @flax.struct.dataclass
@@ -96,7 +97,8 @@ def make_train_step(task: Task, tx, optim: OptimConfig, state_shardings, frozen_
 
     def step(state: TrainState, frozen, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, frozen, batch, key)
+        extra = (state.step,) if task.uses_step else ()
+        (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, frozen, batch, key, *extra)
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
