@@ -1,6 +1,7 @@
 """Training-step throughput of the LDM task: examples/s, compile time and XLA's FLOPs per step.
 
     python -m jaxdiff.bench train --preset tiny [--size 32] [--batch 8] [--devices 1,8] [--repeats 5]
+                                  [--rules data_parallel|fsdp|fsdp_tensor] [--remat] [--dtype bfloat16]
 
 The UNet preset trains against frozen VAE and text-encoder presets of the same name (seeded random
 weights: the time does not depend on the values), on a fixed synthetic batch, with the production
@@ -43,18 +44,18 @@ def bench_train(args) -> dict:
     frozen = {"vae": rand("vae", vcfg, 1), "text_encoder": rand("text_encoder", tcfg, 2)}
     ids = np.full((77,), 49407, np.int32)
     ids[0] = 49406
-    task = tasks.ldm_task(tasks.LDMConfig(compute_dtype=args.dtype), ucfg, vcfg, tcfg, frozen, ids)
+    task = tasks.ldm_task(tasks.LDMConfig(compute_dtype=args.dtype, remat=args.remat), ucfg, vcfg, tcfg, frozen, ids)
     optim = OptimConfig(learning_rate=1e-4, total_steps=1000)
     rng = np.random.default_rng(0)
     host = {"image": rng.uniform(-1, 1, (args.batch, args.size, args.size, 3)).astype(np.float32),
             "tokens": np.tile(ids, (args.batch, 1))}
     result = {"benchmark": "train", "preset": args.preset, "size": args.size, "batch": args.batch,
-              "dtype": args.dtype, "runs": []}
+              "dtype": args.dtype, "rules": args.rules, "remat": args.remat, "runs": []}
     for n in [int(d) for d in args.devices.split(",")]:
         if n > jax.device_count() or args.batch % n:
             raise SystemExit(f"--devices {n}: needs {n} devices (have {jax.device_count()}) and a batch divisible by it")
-        mesh = sh.make_mesh((n, 1, 1), devices=jax.devices()[:n])
-        rules = sh.DATA_PARALLEL
+        mesh = sh.make_mesh((n, 1, 1) if args.rules == "data_parallel" else (1, n, 1), devices=jax.devices()[:n])
+        rules = sh.RULE_SETS[args.rules]
         state, shardings, tx = init_state(task, optim, mesh, rules, seed=0)
         from jaxdiff.data.pipeline import batch_sharding
         batch = jax.device_put(host, batch_sharding(mesh, rules))
@@ -94,7 +95,8 @@ def bench_train(args) -> dict:
 
 def table_rows(r: dict) -> list[dict]:
     return [{"date": r["date"], "benchmark": "train", "preset": r["preset"],
-             "shape": f"batch {r['batch']} x {r['size']}px, {r['dtype']}", "devices": str(x["devices"]),
+             "shape": f"batch {r['batch']} x {r['size']}px, {r['dtype']}, {r['rules']}"
+                      + (", remat" if r["remat"] else ""), "devices": str(x["devices"]),
              "examples/s": f"{x['examples_per_s']:.2f}",
              "s/step": f"{x['time_s']['median']:.3f} ({x['time_s']['min']:.3f}-{x['time_s']['max']:.3f})",
              "compile s": f"{x['compile_s']:.1f}", "GFLOP/step": f"{(x['flops_per_step'] or 0) / 1e9:.1f}",
@@ -110,6 +112,8 @@ def add_parser(sub):
     t.add_argument("--devices", default="1,8")
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    t.add_argument("--rules", default="data_parallel", choices=["data_parallel", "fsdp", "fsdp_tensor"])
+    t.add_argument("--remat", action="store_true", help="nn.remat per UNet block")
     t.add_argument("--out", default=None)
     t.add_argument("--markdown", default="BENCHMARKS.md")
     t.add_argument("--xla-flags", default=None)
