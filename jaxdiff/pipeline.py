@@ -54,6 +54,7 @@ class _Program:
     output: str               # "image" | "latent"
     clip_skip: int | None
     progress: bool
+    latent_shape: tuple           # (h, w, C) of one image's latents
 
 
 def _tick(k):
@@ -73,7 +74,7 @@ def _program(st: _Program):
             return text.apply({"params": p}, out["hidden_states"], st.clip_skip, method=TextTransformer.clip_skip)
         return out["last_hidden_state"]
 
-    def run(params, ids_c, ids_u, seeds, start, scalars, arrays, enc_noise, noise, step_noise):
+    def run(params, ids_c, ids_u, seeds, start, scalars, arrays, enc_noise, noise):
         TRACES["generate"] += 1
         keys = jax.vmap(jax.random.key)(seeds)                        # one key per image: batch-independent
         draw = lambda i, shape: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape))(keys)  # noqa: E731
@@ -86,7 +87,9 @@ def _program(st: _Program):
             z0 = scale_latents(post.mean + post.std * eps_enc, st.vae)
             eps = draw(3, shape) if noise is None else noise
             x = scalars["noise_a"] * z0 + scalars["noise_s"] * eps
-        else:
+        else:                                                         # txt2img: given or seeded noise
+            if start is None:
+                start = jax.vmap(lambda k: jax.random.normal(k, st.latent_shape))(keys)
             x = start * scalars["init_sigma"]
 
         def model(x, t, ctx):
@@ -96,7 +99,7 @@ def _program(st: _Program):
                                     rescale=scalars["rescale"] if st.rescale else 0.0, mode=st.mode)
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
         x = SM.sample(denoise, st.schedule, arrays, x.astype(jnp.float32), stochastic=st.stochastic,
-                      keys=step_keys, noise=step_noise, callback=_tick if st.progress else None)
+                      keys=step_keys, callback=_tick if st.progress else None)
         if st.output == "latent":
             return x
         img = vae.apply({"params": params["vae"]}, unscale_latents(x, st.vae), method=AutoencoderKL.decode)
@@ -228,31 +231,27 @@ class Pipeline:
             if image.shape[0] not in (1, n):
                 raise GenerationError(f"{image.shape[0]} images for {n} prompts x images")
             start = np.broadcast_to(image, (n,) + image.shape[1:]) * 2.0 - 1.0
-        elif start is None:
-            start = np.zeros((n, height // f, width // f, c), np.float32)       # replaced by seeded noise below
         noise = self._batch_array(noise, lat_nchw, "noise")
         encode_noise = self._batch_array(encode_noise, lat_nchw, "encode_noise")
         seeds = (np.int64(seed) + np.arange(n)).astype(np.uint32).astype(np.int32)   # seed + i, wrapped to 32 bits
 
         st = _Program(self.model.unet_config, self.model.vae_config, self.model.text_config,
                       jax.tree.leaves(self.params["unet"])[0].dtype, schedule, G.mode_for(guidance),
-                      guidance_rescale != 0, plan.stochastic, image is not None, output, clip_skip, progress)
+                      guidance_rescale != 0, plan.stochastic, image is not None, output, clip_skip, progress,
+                      (height // f, width // f, c))
         scalars = {k: np.float32(v) for k, v in dict(w=guidance, rescale=guidance_rescale, init_sigma=plan.init_noise_sigma,
                                                      noise_a=plan.noise_a, noise_s=plan.noise_s).items()}
-        batch = dict(ids_c=tok(prompts), ids_u=tok(negs), seeds=seeds, start=np.asarray(start, np.float32),
+        batch = dict(ids_c=tok(prompts), ids_u=tok(negs), seeds=seeds,
+                     start=None if start is None else np.asarray(start, np.float32),
                      enc_noise=encode_noise, noise=noise)
-        if latents is None and image is None:
-            batch["start"] = None
-        batch, pad = self._shard_batch(batch)
+        batch = self._shard_batch(batch)
         fn = _program(st)
-        if batch["start"] is None:                                   # seeded initial noise, per image
-            batch["start"] = self._seeded_latents(batch["seeds"], lat_nchw[1:])
         if progress:
             from tqdm.auto import tqdm
             _PROGRESS["bar"] = tqdm(total=plan.num_calls, desc=f"{schedule.sampler} x{plan.num_steps}", unit="step")
         try:
             out = fn(self.params, batch["ids_c"], batch["ids_u"], batch["seeds"], batch["start"], scalars,
-                     plan.arrays, batch["enc_noise"], batch["noise"], None)
+                     plan.arrays, batch["enc_noise"], batch["noise"])
             out = np.asarray(jax.device_get(out))[:n]
         finally:
             if _PROGRESS["bar"] is not None:
@@ -269,15 +268,10 @@ class Pipeline:
             raise GenerationError(f"{name} must have shape {tuple(nchw_shape)} (N, C, h, w), got {x.shape}")
         return x.transpose(0, 2, 3, 1)
 
-    def _seeded_latents(self, seeds, chw):
-        c, h, w = chw
-        fn = _seeded_noise_fn(h, w, c)
-        return fn(seeds)
-
     def _shard_batch(self, batch: dict):
         """Pad the batch to a multiple of the mesh's data-axis size and place it sharded over them."""
         if self.mesh is None:
-            return batch, 0
+            return batch
         axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.shape)
         size = math.prod(self.mesh.shape[a] for a in axes)
         n = batch["seeds"].shape[0]
@@ -291,12 +285,7 @@ class Pipeline:
             if pad:
                 v = np.concatenate([v, np.repeat(v[-1:], pad, axis=0)])
             out[k] = jax.device_put(v, sharding)
-        return out, pad
-
-
-@functools.lru_cache(maxsize=8)
-def _seeded_noise_fn(h, w, c):
-    return jax.jit(lambda seeds: jax.vmap(lambda s: jax.random.normal(jax.random.key(s), (h, w, c)))(seeds))
+        return out
 
 
 def load(folder, **kw) -> Pipeline:
