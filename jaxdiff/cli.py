@@ -1,4 +1,4 @@
-"""The `jaxdiff` command: txt2img, img2img, convert, data, eval, demo, bench."""
+"""The `jaxdiff` command: txt2img, img2img, convert, export, data, train, eval, demo, bench."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,23 @@ def _convert(args):
     print(f"wrote {out}")
 
 
+def _export(args):
+    """A `jaxdiff train` CLIP run -> a transformers CLIPModel folder (weights, config, tokenizer)."""
+    from jaxdiff.convert.clip import save_clip
+    from jaxdiff.eval.clip import load
+
+    work, out = Path(args.workdir), Path(args.out)
+    if not (work / "clip.json").is_file():
+        sys.exit(f"jaxdiff export: {work} is not a CLIP training run (no clip.json); only CLIP runs export so far")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        sys.exit(f"jaxdiff export: {out} exists and is not empty (pass --overwrite to replace it)")
+    model = load(work)
+    save_clip(out, model.config, model.params, tokenizer_folder=work / "tokenizer",
+              drop_logit_bias=args.drop_logit_bias)
+    print(f"wrote {out} (transformers CLIPModel + tokenizer; load with jaxdiff.convert.clip.load_clip "
+          "or CLIPModel.from_pretrained)")
+
+
 # Subcommands that own their argument parsing: name -> (module with `main(argv)`, help line).
 DELEGATED = {
     "demo": ("jaxdiff.demo", "build a small random diffusers checkpoint, load it, compare with diffusers"),
@@ -67,7 +84,18 @@ def main(argv=None):
     c.add_argument("--config", help="a diffusers folder whose unet/, vae/, text_encoder/ config.json "
                    "give the architecture (default: inferred, SD 1.x / 2.x conventions)")
     c.add_argument("--overwrite", action="store_true")
+    e = sub.add_parser("export", help="a CLIP training run -> a transformers CLIPModel folder")
+    e.add_argument("--workdir", required=True, help="the `jaxdiff train` run (its newest checkpoint)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--drop-logit-bias", action="store_true", help="export a sigmoid-loss CLIP without its bias")
     args = ap.parse_args(argv)
+    if args.command == "export":
+        from jaxdiff.convert.diffusers import ModelFolderError
+        try:
+            _export(args)
+        except (FileNotFoundError, ModelFolderError) as err:
+            sys.exit(f"jaxdiff export: {err}")
     if args.command == "convert":
         from jaxdiff.convert.diffusers import ModelFolderError
         from jaxdiff.convert.naming import ConversionError

@@ -115,7 +115,8 @@ class _Embeddings(nn.Module):
         return tok + pos[None]
 
 
-class _Encoder(nn.Module):
+class Encoder(nn.Module):
+    """Pre-LN transformer layers (``layers_N``); every layer's output is returned. The ViT tower shares it."""
     config: TextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -144,7 +145,7 @@ class TextTransformer(nn.Module):
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embeddings = _Embeddings(self.config, **kw)
-        self.encoder = _Encoder(self.config, **kw)
+        self.encoder = Encoder(self.config, **kw)
         self.final_layer_norm = layer_norm(self.config.layer_norm_eps, **kw)
         if self.config.projection_dim:
             self.text_projection = dense(self.config.projection_dim, use_bias=False, **kw)

@@ -71,13 +71,15 @@ def default_bpe_path() -> Path:
     return Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def write_clip_tokenizer(folder, bpe_path=None, max_length: int = 77, pad_token: str = EOS) -> Path:
-    """Write a transformers CLIP tokenizer folder (vocab.json, merges.txt, configs) from OpenAI's BPE
-    merges: the 49,408-token vocabulary of every SD 1.x/2.x checkpoint. SD 2.x pads with '!'."""
+def _openai_merges(bpe_path=None) -> list[str]:
+    lines = gzip.open(bpe_path or default_bpe_path()).read().decode("utf-8").split("\n")
+    return lines[1:49152 - 256 - 2 + 1]
+
+
+def _write_folder(folder, merges: list[str], max_length: int, pad_token: str) -> Path:
+    """A transformers CLIPTokenizer folder: byte tokens, their end-of-word forms, the merges, BOS, EOS."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(bpe_path or default_bpe_path()).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
     base = list(_bytes_to_unicode().values())
     vocab = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges] + [BOS, EOS]
     files = {
@@ -94,3 +96,49 @@ def write_clip_tokenizer(folder, bpe_path=None, max_length: int = 77, pad_token:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, folder / name)
     return folder
+
+
+def write_clip_tokenizer(folder, bpe_path=None, max_length: int = 77, pad_token: str = EOS) -> Path:
+    """Write a transformers CLIP tokenizer folder (vocab.json, merges.txt, configs) from OpenAI's BPE
+    merges: the 49,408-token vocabulary of every SD 1.x/2.x checkpoint. SD 2.x pads with '!'."""
+    return _write_folder(folder, _openai_merges(bpe_path), max_length, pad_token)
+
+
+def _bpe_merges_used(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    """The merges CLIP's BPE applies to one lower-case word (end-of-word marked as ``</w>``)."""
+    parts, used = list(word[:-1]) + [word[-1] + "</w>"], []
+    while len(parts) > 1:
+        pairs = [(ranks.get(p, 1 << 30), i) for i, p in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        first, second = parts[i], parts[i + 1]
+        used.append((first, second))
+        merged, j = [], 0
+        while j < len(parts):           # merge every occurrence of the pair, left to right
+            if j < len(parts) - 1 and parts[j] == first and parts[j + 1] == second:
+                merged.append(first + second)
+                j += 2
+            else:
+                merged.append(parts[j])
+                j += 1
+        parts = merged
+    return used
+
+
+def write_small_clip_tokenizer(folder, words, bpe_path=None, max_length: int = 77) -> Path:
+    """A CLIP BPE tokenizer whose vocabulary is the 512 byte tokens plus only the merges ``words`` need.
+
+    Every listed word tokenizes exactly as OpenAI's 49,408-token vocabulary splits it (BPE applies
+    the lowest-ranked merge present; keeping every merge a word uses, in rank order, replays the same
+    sequence), under ids that stop at a few hundred: a small model's embedding table stays small.
+    Any other text still tokenizes, into smaller pieces (down to single bytes).
+    """
+    merges = _openai_merges(bpe_path)
+    ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
+    used = set()
+    for w in words:
+        if not w or not w.isascii() or w.lower() != w or not w.isalpha():
+            raise ValueError(f"write_small_clip_tokenizer: {w!r} is not a lower-case ASCII word")
+        used.update(_bpe_merges_used(w, ranks))
+    return _write_folder(folder, [m for m in merges if tuple(m.split()) in used], max_length, EOS)

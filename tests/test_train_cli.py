@@ -43,7 +43,7 @@ def test_config_errors(tmp_path):
         cli.main(["--config", "configs/ldm_shapes.py:smoke", "--workdir", str(tmp_path), "--config.loop.steps"])
     with pytest.raises(ValueError, match="unknown argument"):
         cli.main(["--config", "configs/ldm_shapes.py:big", "--workdir", str(tmp_path)])
-    for name in ("ldm_shapes", "vae_shapes", "sd15_finetune"):      # every shipped config loads and locks
+    for name in ("ldm_shapes", "vae_shapes", "sd15_finetune", "clip_shapes", "clip_b16_pod"):   # every shipped config
         c = cli.load_config(f"configs/{name}.py")
         with pytest.raises(Exception):
             c.new_key = 1

@@ -26,7 +26,7 @@ def torch_key(path: tuple[str, ...]) -> str:
     for m in mods:
         match = _LIST_RE.match(m)
         parts += [match.group(1), match.group(2)] if match else [m]
-    return ".".join(parts + [_LEAF[leaf]])
+    return ".".join(parts + [_LEAF.get(leaf, leaf)])
 
 
 def to_torch_layout(path, value: np.ndarray) -> np.ndarray:
@@ -81,8 +81,13 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], abstract_params, *, prefix:
 def flax_to_torch(params, *, prefix: str = "") -> dict[str, np.ndarray]:
     """Flax params -> PyTorch-layout numpy tensors keyed by state-dict names (exact inverse)."""
     flat = traverse_util.flatten_dict(jax.device_get(params))
-    return {prefix + torch_key(p): np.ascontiguousarray(to_torch_layout(p, np.asarray(v)))
+    return {prefix + torch_key(p): _contiguous(to_torch_layout(p, np.asarray(v)))
             for p, v in flat.items()}
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    # np.ascontiguousarray turns a 0-d array (CLIP's logit_scale) into shape [1]; keep the shape
+    return np.ascontiguousarray(a).reshape(np.shape(a))
 
 
 def _show(keys, n=8):

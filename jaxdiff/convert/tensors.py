@@ -47,7 +47,7 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
     path = Path(path)
     header, offset, arrays = {}, 0, []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        a = np.ascontiguousarray(np.asarray(tensors[name])).reshape(np.shape(tensors[name]))  # keeps 0-d
         if a.dtype not in _NAMES:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be written to safetensors")
         header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),

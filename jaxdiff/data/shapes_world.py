@@ -91,6 +91,13 @@ def plural(shape):
     return shape + ("es" if shape.endswith("s") else "s")
 
 
+def vocabulary() -> tuple[str, ...]:
+    """Every word a caption can use, sorted (what a shapes-world tokenizer must know)."""
+    phrases = (*SIZES, *COLOURS, *SHAPES, *map(plural, SHAPES), *POSITION_PHRASES, *RELATIONS, *COUNT_WORDS,
+               *BACKGROUNDS, "a an on background")
+    return tuple(sorted({w for p in phrases for w in p.split()}))
+
+
 def _relation_cells(rng, relation):
     """Cells for A and B that make `A relation B` true: uniform over all such (cell A, cell B) pairs.
 

@@ -2,6 +2,8 @@
 
     jaxdiff eval fidelity --images DIR [--json OUT] [--resolution 64]
     jaxdiff eval frechet --images DIR --reference DIR|shapes_world:SPLIT [--json OUT]
+    jaxdiff eval clip --model RUN|DIR [--data shapes_world|folder:DIR] [--split heldout] [--n 1000]
+    jaxdiff eval clip-score --model RUN|DIR --images DIR [--prompt TEXT]
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 
-def read_images(folder, size=None):
-    """uint8 [N, S, S, 3] of every image in a folder (resized to `size` if given)."""
+def read_images(folder, size=None, square: bool = True):
+    """uint8 [N, S, S, 3] of every image in a folder (resized to `size` if given); with
+    ``square=False`` a list of images of any size, as they are."""
     from PIL import Image
 
     from jaxdiff.eval.fidelity import IMAGE_SUFFIXES
@@ -32,13 +35,16 @@ def read_images(folder, size=None):
                 rgb = im.convert("RGB")
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported by name
             raise ValueError(f"{p}: unreadable image ({e})") from None
+        if not square:
+            out.append(np.asarray(rgb))
+            continue
         if rgb.width != rgb.height:
             raise ValueError(f"{p}: not square ({rgb.width} x {rgb.height})")
         size = size or rgb.width
         if rgb.width != size:
             rgb = rgb.resize((size, size), Image.Resampling.BOX)
         out.append(np.asarray(rgb))
-    return np.stack(out)
+    return np.stack(out) if square else out
 
 
 def _fidelity(args):
@@ -84,6 +90,51 @@ def _frechet(args):
         print(f"wrote {args.json}")
 
 
+def _clip(args):
+    from jaxdiff.eval import clip as ce
+    from jaxdiff.eval.fidelity import write_json
+
+    if args.n < 2:
+        sys.exit(f"jaxdiff eval clip: --n {args.n}: need at least 2 examples")
+    try:
+        if args.data != "shapes_world" and not args.data.startswith(("folder:", "shapes_world:")):
+            raise ValueError(f"--data {args.data!r}: expected shapes_world or folder:DIR")
+        model = ce.load(args.model)
+        if args.data == "shapes_world":
+            report = ce.shapes_world_report(model, args.split, args.n, args.seed)
+        else:
+            report = ce.folder_report(model, args.data, args.n)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"jaxdiff eval clip: {e}")
+    report["model"] = str(args.model)
+    print(ce.format_report(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+
+
+def _clip_score(args):
+    from jaxdiff.eval import clip as ce
+    from jaxdiff.eval.fidelity import read_folder, write_json
+
+    try:
+        if args.prompt is not None:
+            images = read_images(args.images, square=False)
+            captions = [args.prompt] * len(images)
+        else:
+            images, captions, _, _ = read_folder(args.images, shapes_world=False)
+        model = ce.load(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"jaxdiff eval clip-score: {e}")
+    scores = ce.clip_score(model.embed_images(images), model.embed_texts(captions))
+    print(f"CLIP score {scores.mean():.2f} (mean of {len(scores)} images; min {scores.min():.2f}, "
+          f"max {scores.max():.2f})")
+    out = args.json or str(Path(args.images) / "clip_score.json")
+    write_json({"clip_score": float(scores.mean()), "per_image": [float(v) for v in scores],
+                "captions": captions, "model": str(args.model)}, out)
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="jaxdiff eval", description="Score generated images.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -99,8 +150,22 @@ def main(argv=None):
                    help="reference examples for shapes_world:SPLIT (default: as many as images)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json")
+    c = sub.add_parser("clip", help="CLIP zero-shot accuracy and retrieval recall@k")
+    c.add_argument("--model", required=True, help="a `jaxdiff train` CLIP workdir or a transformers CLIPModel folder")
+    c.add_argument("--data", default="shapes_world",
+                   help="shapes_world (rendered; zero-shot colour and shape + retrieval) or folder:DIR (retrieval)")
+    c.add_argument("--split", default="heldout", help="shapes-world split: train, validation or heldout")
+    c.add_argument("--n", type=int, default=1000, help="examples (retrieval ranks among all of them)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", help="write the report here")
+    s = sub.add_parser("clip-score", help="mean CLIP score of images against their prompts")
+    s.add_argument("--model", required=True)
+    s.add_argument("--images", required=True, help="images with prompts (PNG text 'prompt', NAME.txt or "
+                   "captions.jsonl), e.g. `jaxdiff txt2img` output")
+    s.add_argument("--prompt", help="score every image against this prompt instead")
+    s.add_argument("--json", help="report path (default: IMAGES/clip_score.json)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    {"fidelity": _fidelity, "frechet": _frechet}[args.command](args)
+    {"fidelity": _fidelity, "frechet": _frechet, "clip": _clip, "clip-score": _clip_score}[args.command](args)
     return 0
 
 

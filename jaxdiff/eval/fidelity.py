@@ -292,9 +292,10 @@ def format_report(report) -> str:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def read_folder(folder, resolution=None):
+def read_folder(folder, resolution=None, shapes_world: bool = True):
     """(images, captions, splits, names) of a folder; captions from PNG text `prompt`, a same-named
-    `.txt`, or `captions.jsonl`; checked (captions parsed, images read) before any scoring."""
+    `.txt`, or `captions.jsonl`; checked (captions parsed, images read) before any scoring.
+    ``shapes_world=False``: any caption, any image size (CLIP score)."""
     from PIL import Image
 
     folder = Path(folder)
@@ -332,11 +333,12 @@ def read_folder(folder, resolution=None):
             problems.append(f"{p.name}: no caption (PNG text 'prompt', {p.stem}.txt or captions.jsonl)")
             continue
         try:
-            sw.parse_caption(caption)
+            if shapes_world:
+                sw.parse_caption(caption)
         except ValueError as e:
             problems.append(f"{p.name}: {e}")
             continue
-        if rgb.width != rgb.height and resolution is None:
+        if rgb.width != rgb.height and resolution is None and shapes_world:
             problems.append(f"{p.name}: not square ({rgb.width} x {rgb.height}); pass a resolution to resize")
             continue
         if resolution is not None and rgb.size != (resolution, resolution):

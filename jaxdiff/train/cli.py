@@ -91,10 +91,13 @@ def _distributed(args):
                                    initialization_timeout=args.init_timeout)
 
 
-def build(config):
+def build(config, mesh=None, rules=None, workdir=None):
     """The task, tokenizer and frozen parts a config describes."""
     import jax
     from flax import linen as nn
+
+    if config.task == "clip":
+        return _build_clip(config, mesh, rules, workdir)
 
     from jaxdiff.convert.diffusers import COMPONENTS
     from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer
@@ -125,7 +128,7 @@ def build(config):
         return tasks.vae_task(_dataclass(tasks.VAEConfigTrain, dict(config.vae)), vcfg,
                               init_params=sd.params["vae"] if sd else None), tok
     if config.task != "ldm":
-        raise SystemExit(f"jaxdiff train: unknown task {config.task!r} (known: ldm, vae)")
+        raise SystemExit(f"jaxdiff train: unknown task {config.task!r} (known: clip, ldm, vae)")
     if sd:
         ucfg, vcfg, tcfg = sd.unet_config, sd.vae_config, sd.text_config
         frozen = {"vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
@@ -148,6 +151,63 @@ def build(config):
     return tasks.ldm_task(ldm, ucfg, vcfg, tcfg, frozen, tok("")[0], init_params=init,
                           sample_ids=tok(prompts) if prompts else None,
                           sample_resolution=config.data.resolution), tok
+
+
+def clip_tokenizer(kind: str, folder, max_length: int):
+    """The tokenizer a CLIP config names, written to ``folder``: ``shapes`` (the shapes world's
+    644-token vocabulary), ``clip`` (OpenAI's 49,408 tokens), or a tokenizer folder's path."""
+    from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer, write_small_clip_tokenizer
+    if kind == "shapes":
+        from jaxdiff.data.shapes_world import vocabulary
+        return Tokenizer(write_small_clip_tokenizer(folder, vocabulary(), max_length=max_length), max_length)
+    if kind == "clip":
+        return Tokenizer(write_clip_tokenizer(folder, max_length=max_length), max_length)
+    if not Path(kind).is_dir():
+        raise SystemExit(f"jaxdiff train: model.tokenizer {kind!r}: expected shapes, clip or a tokenizer folder")
+    import shutil
+    shutil.copytree(kind, folder, dirs_exist_ok=True)
+    return Tokenizer(folder, max_length)
+
+
+def _build_clip(config, mesh, rules, workdir):
+    """CLIP: a preset (or a transformers CLIPModel folder to fine-tune) and its tokenizer, which is
+    also saved as WORKDIR/tokenizer so the run's checkpoints are usable on their own."""
+    import math
+    import tempfile
+
+    import jax
+
+    from jaxdiff import clip as clip_lib
+    from jaxdiff.train import tasks
+    m, init = config.model, None
+    if m.get("model_dir"):
+        from jaxdiff.convert.clip import load_clip
+        ccfg, init = load_clip(m.model_dir)
+    elif m.preset in clip_lib.PRESETS:
+        ccfg = clip_lib.PRESETS[m.preset]
+    else:
+        raise SystemExit(f"jaxdiff train: model.preset {m.preset!r}: choose one of {sorted(clip_lib.PRESETS)}")
+    train_cfg = _dataclass(tasks.CLIPConfigTrain, dict(config.clip))
+    if train_cfg.loss == "sigmoid" and ccfg.logit_bias_init is None:     # SigLIP's initialisation
+        ccfg = dataclasses.replace(ccfg, logit_scale_init=math.log(10.0), logit_bias_init=-10.0)
+    if config.data.resolution != ccfg.vision.image_size:
+        raise SystemExit(f"jaxdiff train: data.resolution {config.data.resolution} differs from the vision tower's "
+                         f"image_size {ccfg.vision.image_size}")
+    n = ccfg.text.max_position_embeddings
+    here = Path(tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")) / "tokenizer"
+    tok = clip_tokenizer(m.tokenizer, here, n)
+    if init is None and len(tok._tok) <= ccfg.text.vocab_size:       # from scratch: the tokenizer's own ids
+        ccfg = dataclasses.replace(ccfg, text=dataclasses.replace(
+            ccfg.text, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id))
+    if len(tok._tok) > ccfg.text.vocab_size or tok.eos_id != ccfg.text.eos_token_id and ccfg.text.eos_token_id != 2:
+        raise SystemExit(f"jaxdiff train: tokenizer {m.tokenizer!r} ({len(tok._tok)} tokens, EOS {tok.eos_id}) does "
+                         f"not fit the text tower (vocab {ccfg.text.vocab_size}, EOS {ccfg.text.eos_token_id})")
+    if workdir is not None and jax.process_index() == 0:      # the run's model is usable on its own
+        import json
+        import shutil
+        shutil.copytree(here, Path(workdir) / "tokenizer", dirs_exist_ok=True)
+        (Path(workdir) / "clip.json").write_text(json.dumps(clip_lib.config_to_dict(ccfg), indent=1))
+    return tasks.clip_task(train_cfg, ccfg, mesh=mesh, rules=rules, init_params=init), tok
 
 
 def main(argv=None):
@@ -189,7 +249,7 @@ def main(argv=None):
     fingerprint = {k: v for k, v in _flatten(json_safe(config.to_dict())).items() if k not in RESUMABLE_KEYS}
     workdir.mkdir(parents=True, exist_ok=True)
     logdir.mkdir(parents=True, exist_ok=True)
-    task, tok = build(config)
+    task, tok = build(config, mesh, rules, logdir)
     pipe = pl.make_pipeline(source, pl.PipelineConfig(resolution=config.data.resolution,
                                                       global_batch=config.data.global_batch, seed=config.data.seed),
                             tokenizer=tok)

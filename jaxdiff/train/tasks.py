@@ -182,3 +182,47 @@ def vae_task(cfg: VAEConfigTrain, vae_config, init_params=None) -> Task:
         return total, metrics
 
     return Task("vae", init, loss, uses_step=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfigTrain:
+    loss: str = "softmax"                   # softmax (CLIP's InfoNCE) | sigmoid (SigLIP; needs logit_bias_init)
+    max_logit_scale: float = 4.6052         # t = exp(s) is clipped at 100, as CLIP does
+    compute_dtype: str = "float32"
+
+
+def clip_task(cfg: CLIPConfigTrain, clip_config, mesh=None, rules=None, init_params=None) -> Task:
+    """CLIP's two towers on (image, caption) batches: images [B, H, W, 3] in [-1, 1], tokens [B, T].
+
+    With a mesh, the loss sees the global batch's negatives across the batch axes of ``rules``
+    (``jaxdiff.contrastive``: gathered InfoNCE, or the sigmoid loss on a ring)."""
+    from jaxdiff import clip as clip_lib
+    from jaxdiff import contrastive
+    from jaxdiff import sharding as sh
+    if cfg.loss not in contrastive.LOSSES:
+        raise ValueError(f"clip.loss must be one of {contrastive.LOSSES}, got {cfg.loss!r}")
+    if cfg.loss == "sigmoid" and clip_config.logit_bias_init is None:
+        raise ValueError("clip.loss=sigmoid needs a logit bias: set model.logit_bias_init (SigLIP uses -10)")
+    model = clip_lib.CLIP(clip_config, dtype=_dtype(cfg.compute_dtype))
+    axes = dict(rules or sh.DATA_PARALLEL).get(sh.BATCH)
+
+    def init(key):
+        boxed = model.init(key, *clip_lib.dummy_inputs(clip_config))["params"]
+        if init_params is None:
+            return boxed
+        return jax.tree.map(lambda b, p: b.replace_boxed(jnp.asarray(p, b.value.dtype)), boxed, init_params,
+                            is_leaf=lambda b: hasattr(b, "replace_boxed"))
+
+    def loss(params, frozen, batch, key):
+        v = {"params": params}
+        pixels = clip_lib.normalize(batch["image"] / 2 + 0.5, clip_config)        # [-1, 1] -> the tower's input
+        img = clip_lib.l2_normalize(model.apply(v, pixels, method=clip_lib.CLIP.image_features))   # [B, P]
+        txt = clip_lib.l2_normalize(model.apply(v, batch["tokens"], method=clip_lib.CLIP.text_features))
+        scale, bias = model.apply(v, method=clip_lib.CLIP.temperature)
+        scale = jnp.minimum(scale, cfg.max_logit_scale)
+        loss, metrics = contrastive.contrastive_loss(
+            img, txt, scale, bias if clip_config.logit_bias_init is not None else None, kind=cfg.loss,
+            mesh=mesh, batch_axes=axes)
+        return loss, dict(metrics, temperature=jnp.exp(scale), logit_bias=bias)
+
+    return Task("clip", init, loss)
