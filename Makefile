@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-all demo bench clean shapes-sd
 
 # torch==2.13.0 is the CPU build on local disk: installed first and pinned, so nothing pulls a CUDA
 # build. open-clip-torch only ships the CLIP BPE vocabulary we read; --no-deps keeps torchvision out.
@@ -25,6 +25,19 @@ test-all: setup
 
 demo: setup
 	$(PY) -m jaxdiff.demo
+
+# The shapes-world Stable Diffusion from scratch (about 2 hours on 2 CPU cores): data, CLIP, VAE, UNet,
+# each exported to models/, then the guidance study into docs/shapes_sd/. Interrupted runs resume.
+JD := $(VENV)/bin/jaxdiff
+shapes-sd: setup
+	$(JD) data build shapes_world --resolution 64 --train 100000 --validation 10000 --heldout 10000 --data-dir data/tfds
+	$(JD) train --config configs/clip_shapes.py --workdir runs/clip_shapes
+	$(JD) export --workdir runs/clip_shapes --out models/shapes_clip --overwrite
+	$(JD) train --config configs/vae_shapes.py --workdir runs/vae_shapes
+	$(JD) export --workdir runs/vae_shapes --out models/shapes_vae --overwrite
+	$(JD) train --config configs/ldm_shapes.py --workdir runs/ldm_shapes
+	$(JD) export --workdir runs/ldm_shapes --out models/shapes_sd --overwrite
+	$(PY) -m jaxdiff.eval.study --model models/shapes_sd --out docs/shapes_sd
 
 bench: setup
 	$(PY) -m jaxdiff.bench unet --preset sd15

@@ -28,6 +28,8 @@ def apply_arg(c, arg, path):
     """`:smoke` shrinks a config to 20 steps on synthetic data; anything else is an error."""
     if arg == "smoke":
         c.data.source, c.data.global_batch = "synthetic:256", 8
+        if "preset" in c.model:          # the smallest model at the smallest size
+            c.model.preset, c.data.resolution = "tiny", 32
         c.optim.total_steps = c.loop.steps = 20
         c.optim.warmup_steps = 2
         c.loop.log_every, c.loop.checkpoint_every = 5, 10

@@ -1,12 +1,13 @@
-"""A tiny latent-diffusion UNet on the shapes world, small enough for a 2-core CPU.
+"""The shapes-world Stable Diffusion's UNet: 16 x 16 x 4 latents of the shapes VAE, cross-attention to
+the frozen text tower of the shapes CLIP, conditioning dropout for classifier-free guidance.
 
-    jaxdiff data build shapes_world --resolution 32 --train 20000 --validation 1000 --heldout 1000 --data-dir data/tfds
-    jaxdiff train --config configs/ldm_shapes.py --workdir runs/ldm_shapes [--config.loop.steps=5000]
-    jaxdiff train --config configs/ldm_shapes.py:smoke --workdir /tmp/smoke     # 20 steps on synthetic data
+    jaxdiff train --config configs/ldm_shapes.py --workdir runs/ldm_shapes \\
+        [--config.model.vae_workdir=models/shapes_vae] [--config.model.text_encoder=models/shapes_clip]
+    jaxdiff export --workdir runs/ldm_shapes --out models/shapes_sd
+    jaxdiff train --config configs/ldm_shapes.py:smoke --workdir /tmp/smoke     # tiny, 20 steps, synthetic data
 
-The frozen VAE is a VAE run of `configs/vae_shapes.py` given as `--config.model.vae_workdir=runs/vae_shapes`
-(its newest checkpoint, EMA if it kept one), else the `tiny` preset with seeded random weights; the
-text encoder is the `tiny` preset with seeded random weights (CLIP training is a later issue).
+Recipe step 3 (`make shapes-sd`). `model.scaling_factor=0` measures the latent scale
+(1 / std of 1,024 training latents) from the frozen VAE; `:smoke` uses random tiny frozen parts.
 """
 import common
 import ml_collections as mlc
@@ -15,11 +16,16 @@ import ml_collections as mlc
 def get_config(arg=None):
     c = mlc.ConfigDict(dict(
         task="ldm",
-        model=dict(preset="tiny", model_dir="", vae_workdir=""),
-        data=dict(source="shapes_world:data/tfds", resolution=32, global_batch=16, seed=0),
+        model=dict(preset="shapes", model_dir="", vae_workdir="models/shapes_vae", text_encoder="models/shapes_clip",
+                   scaling_factor=0.0),
+        data=dict(source="shapes_world:data/tfds", resolution=64, global_batch=64, seed=0),
         ldm=common.ldm(),
-        optim=common.optim(warmup_steps=200, ema_decay=0.999),
-        loop=common.loop(sample_every=500),
+        optim=common.optim(learning_rate=3e-4, warmup_steps=200, total_steps=2000, final_lr_ratio=0.1,
+                           ema_decay=0.999),
+        loop=common.loop(steps=2000, checkpoint_every=250, sample_every=500),
         sample_prompts=common.SHAPES_PROMPTS,
         mesh=dict(shape=(-1, 1, 1), rules="data_parallel")))
+    if arg == "smoke":
+        c.model.vae_workdir = c.model.text_encoder = ""
+        c.model.scaling_factor = 0.18215
     return common.apply_arg(c, arg, __file__)

@@ -38,20 +38,41 @@ def _convert(args):
 
 
 def _export(args):
-    """A `jaxdiff train` CLIP run -> a transformers CLIPModel folder (weights, config, tokenizer)."""
+    """A `jaxdiff train` run -> a standard folder: CLIP -> transformers CLIPModel (weights, config,
+    tokenizer); latent diffusion -> a diffusers StableDiffusionPipeline folder."""
     from jaxdiff.convert.clip import save_clip
     from jaxdiff.eval.clip import load
 
     work, out = Path(args.workdir), Path(args.out)
-    if not (work / "clip.json").is_file():
-        sys.exit(f"jaxdiff export: {work} is not a CLIP training run (no clip.json); only CLIP runs export so far")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         sys.exit(f"jaxdiff export: {out} exists and is not empty (pass --overwrite to replace it)")
+    if (work / "ldm.json").is_file():
+        from jaxdiff.train.runs import export_ldm
+        try:
+            step = export_ldm(work, out, overwrite=args.overwrite)
+        except ValueError as err:
+            sys.exit(f"jaxdiff export: {err}")
+        print(f"wrote {out} (diffusers folder, UNet of step {step}; load with Pipeline.from_pretrained or "
+              "`jaxdiff txt2img --model`)")
+        return
+    if (work / "checkpoints").is_dir() and _run_config(work).get("task") == "vae":
+        from jaxdiff.train.runs import export_vae
+        factor = export_vae(work, out, overwrite=args.overwrite)
+        print(f"wrote {out} (diffusers AutoencoderKL; latent scaling factor {factor:.5f}, measured on the run's data)")
+        return
+    if not (work / "clip.json").is_file():
+        sys.exit(f"jaxdiff export: {work} is not a CLIP (clip.json), VAE or latent-diffusion (ldm.json) run")
     model = load(work)
     save_clip(out, model.config, model.params, tokenizer_folder=work / "tokenizer",
               drop_logit_bias=args.drop_logit_bias)
     print(f"wrote {out} (transformers CLIPModel + tokenizer; load with jaxdiff.convert.clip.load_clip "
           "or CLIPModel.from_pretrained)")
+
+
+def _run_config(work: Path) -> dict:
+    import json
+    path = work / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # Subcommands that own their argument parsing: name -> (module with `main(argv)`, help line).
@@ -84,7 +105,7 @@ def main(argv=None):
     c.add_argument("--config", help="a diffusers folder whose unet/, vae/, text_encoder/ config.json "
                    "give the architecture (default: inferred, SD 1.x / 2.x conventions)")
     c.add_argument("--overwrite", action="store_true")
-    e = sub.add_parser("export", help="a CLIP training run -> a transformers CLIPModel folder")
+    e = sub.add_parser("export", help="a training run -> a CLIPModel, AutoencoderKL or diffusers SD folder")
     e.add_argument("--workdir", required=True, help="the `jaxdiff train` run (its newest checkpoint)")
     e.add_argument("--out", required=True)
     e.add_argument("--overwrite", action="store_true")

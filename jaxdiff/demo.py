@@ -1,11 +1,14 @@
-"""`make demo`: a Stable Diffusion checkpoint in diffusers format goes into jaxdiff and comes out equal.
+"""`make demo`: the shapes-world Stable Diffusion trained by jaxdiff draws a labelled grid of prompts.
 
-Until the shapes-world model is trained, this builds a small *random-weight* diffusers checkpoint
-locally (there is no model hub here), loads it with jaxdiff, runs the text encoder, one UNet noise
-prediction and the VAE decoder beside diffusers' PyTorch models on the same inputs, then a whole
-txt2img run (20 DPM-Solver++ steps, CFG 7.5) beside diffusers' StableDiffusionPipeline, writes the
-images with `jaxdiff txt2img`, and exports the weights back to a diffusers folder. The pictures of
-a random model are noise: what this shows is loading, sampling and numerical parity, not quality.
+    python -m jaxdiff.demo [--out out/demo] [--guidance 5] [--steps 25]     # the grid (default)
+    python -m jaxdiff.demo --parity                                         # loading + parity vs diffusers
+
+The grid: a few prompts (two of them name colour-shape pairs that training never showed), four
+seeds each, generated with the committed model in models/shapes_sd (no download), each image marked
+by the shapes-world evaluator as correct or not. `--parity` builds a small *random-weight* diffusers
+checkpoint, loads it with jaxdiff, compares the text encoder, a UNet call, the VAE decoder and a
+whole txt2img run (20 DPM-Solver++ steps, CFG 7.5) with diffusers' PyTorch models, writes images with
+`jaxdiff txt2img` and exports the weights back to a diffusers folder.
 """
 from __future__ import annotations
 
@@ -22,12 +25,83 @@ import jax
 import numpy as np
 
 
+GRID_PROMPTS = ("a red circle", "a large blue star in the top left", "two green squares",
+                "a yellow triangle above a purple cross", "a pink diamond on a white background",
+                "three cyan crosses", "a red star", "an orange circle")       # the last two: held-out pairs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="out/demo", help="where the checkpoint and exports go")
-    ap.add_argument("--prompt", default="a photo of a cat")
+    ap.add_argument("--out", default="out/demo", help="where the images (and the parity demo's checkpoints) go")
+    ap.add_argument("--parity", action="store_true", help="the random-weight parity demo against diffusers")
+    ap.add_argument("--model", default=None, help="grid: a diffusers folder (default: models/shapes_sd)")
+    ap.add_argument("--prompt", action="append", help="grid: prompts (repeatable); parity: the one prompt")
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--seeds", type=int, default=4, help="grid: images per prompt (seeds 0 .. n-1)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    return parity(args) if args.parity else grid(args)
+
+
+def grid(args):
+    """Generate the labelled grid with the shipped shapes-world model and say where it went."""
+    from PIL import Image, ImageDraw
+
+    from jaxdiff.eval.fidelity import score
+    from jaxdiff.generate import DEFAULT_MODEL
+    from jaxdiff.pipeline import Pipeline
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    if not (model / "model_index.json").is_file():
+        if args.model:
+            sys.exit(f"demo: {model} is not a diffusers model folder (no model_index.json)")
+        print(f"demo: no trained shapes-world model in {model} yet (`make shapes-sd` makes one); "
+              "running the parity demo instead", flush=True)
+        return parity(args)
+    prompts = list(args.prompt or GRID_PROMPTS)
+    t0 = time.time()
+    pipe = Pipeline.from_pretrained(model)
+    print(f"model {model}: generating {len(prompts)} prompts x {args.seeds} seeds, DDIM {args.steps} steps, "
+          f"guidance {args.guidance:g} ...", flush=True)
+    images = pipe.txt2img(prompts, num_images=args.seeds, steps=args.steps, guidance=args.guidance,
+                          sampler="ddim", seed=args.seed, progress=True)
+    images = np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8)
+    cell, label_w = 128, 260
+    sheet = Image.new("RGB", (label_w + args.seeds * (cell + 4), len(prompts) * (cell + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    correct = 0
+    for r, prompt in enumerate(prompts):
+        y = r * (cell + 4)
+        marks = []
+        for c in range(args.seeds):
+            img = images[r * args.seeds + c]
+            ok = _score_or_none(score, img, prompt)
+            correct += bool(ok)
+            marks.append("-" if ok is None else ("ok" if ok else "x"))
+            sheet.paste(Image.fromarray(img).resize((cell, cell), Image.Resampling.NEAREST),
+                        (label_w + c * (cell + 4), y))
+        draw.text((8, y + cell // 2 - 12), prompt, fill="black")
+        draw.text((8, y + cell // 2 + 4), "evaluator: " + " ".join(marks), fill="gray")
+        print(f"  {prompt:45s} {' '.join(marks)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "shapes_grid.png"
+    tmp = path.with_name(".shapes_grid.png.tmp")
+    sheet.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    print(f"wrote {path}: {len(images)} images, {correct} judged correct by the shapes-world evaluator "
+          f"({time.time() - t0:.0f} s)")
+
+
+def _score_or_none(score, img, prompt):
+    try:
+        return score(img, prompt)["correct"]
+    except ValueError:            # not a shapes-world caption: nothing to check
+        return None
+
+
+def parity(args):
+    args.prompt = (args.prompt or ["a photo of a cat"])[0]
     try:
         import torch
         from jaxdiff import reference as ref

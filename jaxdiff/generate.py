@@ -26,7 +26,8 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"jaxdiff {mode}", description=(
         "Generate images from a prompt" if mode == "txt2img" else
         "Edit an image towards a prompt (SDEdit: noise it to --strength, then denoise)"))
-    ap.add_argument("--model", help="a diffusers Stable Diffusion folder (model_index.json, unet/, vae/ ...)")
+    ap.add_argument("--model", help="a diffusers Stable Diffusion folder (model_index.json, unet/, vae/ ...); "
+                    "default: the shapes-world model in models/shapes_sd")
     ap.add_argument("--prompt", help="what to draw")
     ap.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
@@ -53,6 +54,8 @@ def _parser(mode: str) -> argparse.ArgumentParser:
 
 DEFAULTS = dict(negative_prompt=None, steps=50, guidance=7.5, guidance_rescale=0.0, eta=0.0, sampler=None,
                 clip_skip=None, seed=0, strength=0.8, num_images=1)
+# The model used without --model: the shapes-world Stable Diffusion trained by jaxdiff, shipped in the repository.
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes_sd"
 
 
 def read_png_parameters(path) -> dict:
@@ -80,6 +83,8 @@ def _resolve(mode: str, args) -> dict:
         if "source_image" in saved and "image" not in given:
             given["image"] = saved["source_image"]
     base.update({k.replace("-", "_"): v for k, v in given.items()})
+    if not base.get("model") and DEFAULT_MODEL.is_dir():
+        base["model"] = str(DEFAULT_MODEL)
     return base
 
 

@@ -35,6 +35,8 @@ class VAEConfig:
 
 PRESETS = {
     "tiny": VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32),
+    # the shapes world: 64 px -> 16 x 16 x 4 latents (configs/vae_shapes.py)
+    "shapes": VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64),
     "sd15": VAEConfig(),
     "sd21": VAEConfig(sample_size=768),
     "sdxl": VAEConfig(scaling_factor=0.13025, sample_size=1024),

@@ -200,7 +200,8 @@ def test_clip_smoke_run_refuses_a_bad_tokenizer_and_size(tmp_path):
         cli.main(["--config", "configs/clip_shapes.py:smoke", "--workdir", str(tmp_path), "--config.model.preset=tiny",
                   "--config.data.resolution=32", "--config.model.tokenizer=clip"])
     with pytest.raises(SystemExit, match="image_size"):
-        cli.main(["--config", "configs/clip_shapes.py:smoke", "--workdir", str(tmp_path), "--config.data.resolution=32"])
+        cli.main(["--config", "configs/clip_shapes.py:smoke", "--workdir", str(tmp_path), "--config.model.preset=shapes",
+                  "--config.data.resolution=32"])
 
 
 def test_eval_clip_cli_on_a_training_run(clip_run, tmp_path, capsys):

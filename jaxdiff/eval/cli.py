@@ -4,6 +4,7 @@
     jaxdiff eval frechet --images DIR --reference DIR|shapes_world:SPLIT [--json OUT]
     jaxdiff eval clip --model RUN|DIR [--data shapes_world|folder:DIR] [--split heldout] [--n 1000]
     jaxdiff eval clip-score --model RUN|DIR --images DIR [--prompt TEXT]
+    jaxdiff eval vae --model RUN|DIR [--split validation] [--n 500]
 """
 from __future__ import annotations
 
@@ -135,6 +136,22 @@ def _clip_score(args):
     print(f"wrote {out}")
 
 
+def _vae(args):
+    from jaxdiff.eval import vae as ve
+    from jaxdiff.eval.fidelity import write_json
+
+    try:
+        cfg, params = ve.load_vae(args.model)
+        report = ve.shapes_world_psnr(cfg, params, args.split, args.n, args.resolution)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"jaxdiff eval vae: {e}")
+    print(f"reconstruction PSNR on {report['n']} {report['split']} images at {report['resolution']} px: "
+          f"mean {report['psnr_mean']:.2f} dB, median {report['psnr_median']:.2f}, min {report['psnr_min']:.2f}")
+    if args.json:
+        write_json(dict(report, model=str(args.model)), args.json)
+        print(f"wrote {args.json}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="jaxdiff eval", description="Score generated images.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -164,8 +181,15 @@ def main(argv=None):
                    "captions.jsonl), e.g. `jaxdiff txt2img` output")
     s.add_argument("--prompt", help="score every image against this prompt instead")
     s.add_argument("--json", help="report path (default: IMAGES/clip_score.json)")
+    v = sub.add_parser("vae", help="VAE reconstruction PSNR on rendered shapes-world images")
+    v.add_argument("--model", required=True, help="a `jaxdiff train` VAE run, a diffusers folder or its vae/")
+    v.add_argument("--split", default="validation")
+    v.add_argument("--n", type=int, default=500)
+    v.add_argument("--resolution", type=int, default=64)
+    v.add_argument("--json")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    {"fidelity": _fidelity, "frechet": _frechet, "clip": _clip, "clip-score": _clip_score}[args.command](args)
+    {"fidelity": _fidelity, "frechet": _frechet, "clip": _clip, "clip-score": _clip_score,
+     "vae": _vae}[args.command](args)
     return 0
 
 

@@ -27,6 +27,7 @@ class Model:
     params: Any
     tokenizer: Any
     batch_size: int = 256
+    tokenizer_folder: Any = None
 
     def __post_init__(self):
         self._img, self._txt = clip_lib.embed_fns(self.config)
@@ -77,7 +78,7 @@ def load(path, batch_size: int = 256) -> Model:
     if not tok_dir.is_dir() or not any((tok_dir / f).is_file() for f in ("vocab.json", "tokenizer.json")):
         raise FileNotFoundError(f"{tok_dir}: the model has no tokenizer files (vocab.json and merges.txt)")
     tok = Tokenizer(tok_dir, max_length=config.text.max_position_embeddings)
-    return Model(config, jax.device_put(params), tok, batch_size)
+    return Model(config, jax.device_put(params), tok, batch_size, tok_dir)
 
 
 # --- metrics on embeddings --------------------------------------------------------------------------

@@ -107,14 +107,20 @@ def build(config, mesh=None, rules=None, workdir=None):
     if m.model_dir:
         from jaxdiff.pretrained import load_pretrained
         sd = load_pretrained(m.model_dir)
-        tok = sd.tokenizer
+        tok, tok_folder = sd.tokenizer, Path(m.model_dir) / "tokenizer"
     else:
         import tempfile                   # the CLIP vocabulary, built locally by every process
-        tok = Tokenizer(write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")) / "tokenizer"))
+        tok_folder = write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")) / "tokenizer")
+        tok = Tokenizer(tok_folder)
 
     def preset(kind, name):
         from jaxdiff import text, unet, vae
-        cfg = {"unet": unet, "vae": vae, "text_encoder": text}[kind].PRESETS[name]
+        table = {"unet": unet, "vae": vae, "text_encoder": text}[kind].PRESETS
+        if name not in table:
+            hint = " (set model.text_encoder to a CLIP)" if kind == "text_encoder" else ""
+            raise SystemExit(f"jaxdiff train: model.preset {name!r} has no {kind} preset{hint}; "
+                             f"{kind} presets: {sorted(table)}")
+        cfg = table[name]
         if kind == "text_encoder":
             cfg = dataclasses.replace(cfg, vocab_size=49408)             # the real CLIP vocabulary
         return cfg
@@ -134,19 +140,46 @@ def build(config, mesh=None, rules=None, workdir=None):
         frozen = {"vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
         init = sd.params["unet"]
     else:
-        ucfg, vcfg, tcfg = preset("unet", m.preset), preset("vae", m.preset), preset("text_encoder", m.preset)
-        frozen = {"vae": random_params("vae", vcfg, 1), "text_encoder": random_params("text_encoder", tcfg, 2)}
+        ucfg, vcfg = preset("unet", m.preset), preset("vae", m.preset)
+        frozen = {"vae": random_params("vae", vcfg, 1)}
+        if not m.get("text_encoder"):
+            tcfg = preset("text_encoder", m.preset)
+            frozen["text_encoder"] = random_params("text_encoder", tcfg, 2)
         init = None
-    if m.get("vae_workdir"):                      # a VAE trained with `jaxdiff train --config configs/vae_*.py`
-        from jaxdiff.train.loop import load_run_params
-        vae_params, step = load_run_params(m.vae_workdir)
-        vae_params = vae_params.get("vae", vae_params)              # trained with a discriminator
+    if m.get("text_encoder"):                     # a CLIP's text tower, frozen, as SD uses OpenAI's CLIP
+        from jaxdiff import clip as clip_lib
+        from jaxdiff.eval.clip import load as load_clip_model
+        clip_model = load_clip_model(m.text_encoder)
+        tcfg, frozen["text_encoder"] = clip_lib.text_encoder(clip_model.config, clip_model.params)
+        tok, tok_folder = clip_model.tokenizer, clip_model.tokenizer_folder
+        print(f"frozen text encoder: the text tower of {m.text_encoder}", flush=True)
+    if tcfg.hidden_size != ucfg.cross_attention_dim:
+        raise SystemExit(f"jaxdiff train: the text encoder's width {tcfg.hidden_size} differs from the UNet's "
+                         f"cross_attention_dim {ucfg.cross_attention_dim} (model.preset={m.preset!r})")
+    if m.get("vae_workdir"):          # a `jaxdiff train` VAE run (configs/vae_*.py) or an exported vae/ folder
+        from jaxdiff.eval.vae import load_vae
+        try:
+            vae_cfg, vae_params = load_vae(m.vae_workdir)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"jaxdiff train: model.vae_workdir: {e}")
         shapes = jax.tree.map(lambda x: x.shape, frozen["vae"])
         if jax.tree.map(lambda x: x.shape, vae_params) != shapes:
             raise SystemExit(f"jaxdiff train: the VAE in {m.vae_workdir} does not match model.preset={m.preset!r}")
         frozen["vae"] = vae_params
-        print(f"frozen VAE: {m.vae_workdir} (step {step})", flush=True)
+        vcfg = dataclasses.replace(vcfg, scaling_factor=vae_cfg.scaling_factor)
+        print(f"frozen VAE: {m.vae_workdir}", flush=True)
+    if m.get("scaling_factor", None) is not None and not sd:
+        factor = m.scaling_factor
+        if factor == 0:                           # 1 / std of the training latents, as SD 1's 0.18215 was chosen
+            from jaxdiff.train.runs import latent_scaling_factor
+            factor = latent_scaling_factor(vcfg, frozen["vae"], config.data.source, config.data.resolution)
+            print(f"latent scaling factor: {factor:.5f} (1 / std of 1,024 training latents)", flush=True)
+        vcfg = dataclasses.replace(vcfg, scaling_factor=float(factor))
     ldm = _dataclass(tasks.LDMConfig, dict(config.ldm))
+    if workdir is not None and jax.process_index() == 0:
+        from jaxdiff.train.runs import write_ldm_record
+        write_ldm_record(workdir, ucfg, vcfg, tcfg, ldm, tok_folder, text_encoder=m.get("text_encoder", ""),
+                         vae_workdir=m.get("vae_workdir", ""), model_dir=m.get("model_dir", ""))
     prompts = list(config.get("sample_prompts", ())) or None
     return tasks.ldm_task(ldm, ucfg, vcfg, tcfg, frozen, tok("")[0], init_params=init,
                           sample_ids=tok(prompts) if prompts else None,

@@ -126,6 +126,7 @@ class VAEConfigTrain:
     disc_weight: float = 0.5                # weight of the generator's adversarial term
     disc_channels: int = 64
     disc_layers: int = 3
+    logvar_init: float = 0.0                # != 0: the posterior's initial log-variance (quant_conv's bias)
 
 
 class PatchDiscriminator(nn.Module):
@@ -157,6 +158,12 @@ def vae_task(cfg: VAEConfigTrain, vae_config, init_params=None) -> Task:
 
     def init(key):
         params = _init_like(vae, "vae", vae_config, key, init_params)
+        if init_params is None and cfg.logvar_init and vae_config.use_quant_conv:
+            # start with a narrow posterior: with log-variance ~0 the sampled latents are mostly noise and
+            # Adam needs ~|logvar| / lr steps to shrink it (measured: 19.5 dB vs 26.7 dB after 300 steps)
+            bias = params["quant_conv"]["bias"]
+            params["quant_conv"]["bias"] = bias.replace_boxed(
+                bias.value.at[vae_config.latent_channels:].set(cfg.logvar_init))
         if disc is None:
             return params
         size = 2 ** (cfg.disc_layers + 2)

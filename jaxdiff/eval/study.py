@@ -1,0 +1,177 @@
+"""The shapes-world Stable Diffusion study: prompt fidelity and Frechet distance per guidance weight,
+and SDEdit recolouring per strength.
+
+    python -m jaxdiff.eval.study --model models/shapes_sd --out docs/shapes_sd [--n 500 --heldout 300]
+
+Prompts are the captions of validation (and held-out) examples 0 .. n-1; image i uses seed i; the
+Frechet reference is the renders of those same examples. Writes study.json, study.md (the tables)
+and study.svg (the plot) into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+GUIDANCE = (0.0, 1.0, 3.0, 5.0, 7.5)
+STRENGTHS = (0.3, 0.6, 0.9)
+
+
+def generate(pipe, prompts, guidance, steps, sampler, seed=0, batch=125, image=None, strength=None):
+    """uint8 images for ``prompts`` (image i: seed + i), in fixed-size batches (one compile)."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk = list(prompts[i:i + batch])
+        pad = batch - len(chunk)
+        kw = dict(steps=steps, guidance=guidance, sampler=sampler, seed=seed + i)
+        if image is None:
+            imgs = pipe.txt2img(chunk + chunk[-1:] * pad, **kw)
+        else:
+            part = image[i:i + batch]
+            part = np.concatenate([part, np.repeat(part[-1:], pad, 0)])
+            imgs = pipe.img2img(part.astype(np.float32) / 255.0, chunk + chunk[-1:] * pad, strength=strength, **kw)
+        out.append(np.clip(np.round(np.asarray(imgs)[:len(chunk)] * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def recolour(scene, rng):
+    """(edited caption, new colour) for a one-object scene: the same words with another colour."""
+    from jaxdiff.data import shapes_world as sw
+    p = sw.parse_caption(scene.caption)
+    o = p.objects[0]
+    new = rng.choice([c for c in sw.COLOURS if c != o.colour])
+    text = sw.object_phrase(new, o.shape, o.size)
+    if o.cell is not None:
+        text += " " + sw.POSITION_PHRASES[o.cell]
+    if p.background is not None:
+        text += f" on a {p.background} background"
+    return text
+
+
+def guidance_study(pipe, n_val, n_heldout, steps, sampler, weights=GUIDANCE, log=print):
+    from jaxdiff.data import shapes_world as sw
+    from jaxdiff.eval import fidelity, frechet
+    rows = []
+    for split, n in (("validation", n_val), ("heldout", n_heldout)):
+        if not n:
+            continue
+        scenes = [sw.sample_scene(split, i) for i in range(n)]
+        prompts = [s.caption for s in scenes]
+        real = np.stack([sw.render(s, 64) for s in scenes])
+        for w in weights:
+            t = time.perf_counter()
+            images = generate(pipe, prompts, w, steps, sampler)
+            rep = fidelity.evaluate(images, prompts)
+            row = {"split": split, "guidance": w, "n": n, "fidelity": rep["overall"]["accuracy"],
+                   "by_kind": {k: v["accuracy"] for k, v in rep["by_kind"].items()},
+                   "by_attribute": {k: v["accuracy"] for k, v in rep["by_attribute"].items()},
+                   "frechet": frechet.frechet(images, real), "seconds": time.perf_counter() - t}
+            rows.append(row)
+            log(f"{split:10s} w={w:<4} fidelity {100 * row['fidelity']:5.1f} %  frechet {row['frechet']:7.2f}  "
+                f"({row['seconds']:.0f} s)")
+    return rows
+
+
+def sdedit_study(pipe, n, steps, sampler, guidance, strengths=STRENGTHS, log=print):
+    """Recolour the object of n one-object validation scenes (real renders) at each strength."""
+    from jaxdiff.data import shapes_world as sw
+    from jaxdiff.eval import fidelity
+    rng = np.random.default_rng(0)
+    scenes, i = [], 0
+    while len(scenes) < n:
+        s = sw.sample_scene("validation", i)
+        if s.kind in ("single", "background"):
+            scenes.append(s)
+        i += 1
+    edits = [recolour(s, rng) for s in scenes]
+    real = np.stack([sw.render(s, 64) for s in scenes])
+    original = fidelity.evaluate(real, edits)["overall"]["accuracy"]          # ~0: the edit is not there yet
+    rows = [{"strength": 0.0, "n": n, "edit_fidelity": original,
+             "kept_original": fidelity.evaluate(real, [s.caption for s in scenes])["overall"]["accuracy"]}]
+    for st in strengths:
+        images = generate(pipe, edits, guidance, steps, sampler, image=real, strength=st)
+        rows.append({"strength": st, "n": n, "edit_fidelity": fidelity.evaluate(images, edits)["overall"]["accuracy"],
+                     "kept_original": fidelity.evaluate(images, [s.caption for s in scenes])["overall"]["accuracy"]})
+        log(f"SDEdit strength {st}: edited prompt {100 * rows[-1]['edit_fidelity']:5.1f} %, "
+            f"original prompt {100 * rows[-1]['kept_original']:5.1f} %")
+    return rows
+
+
+def markdown(result) -> str:
+    from jaxdiff.data.shapes_world import KINDS
+    g, e = result["guidance"], result["sdedit"]
+    lines = [f"Model `{result['model']}`, {result['sampler']} {result['steps']} steps, image i seeded with i.", "",
+             "| split | w | fidelity | " + " | ".join(KINDS) + " | Frechet |", "|---|---|---|" + "---|" * len(KINDS) + "---|"]
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"                     # noqa: E731
+    for r in g:
+        lines.append(f"| {r['split']} ({r['n']}) | {r['guidance']:g} | **{pct(r['fidelity'])}** | "
+                     + " | ".join(pct(r["by_kind"][k]) for k in KINDS) + f" | {r['frechet']:.2f} |")
+    lines += ["", f"SDEdit: {e[0]['n']} one-object validation renders, prompt with the object recoloured, "
+              f"guidance {result['sdedit_guidance']:g}:", "",
+              "| strength | edited prompt correct | original prompt still correct |", "|---|---|---|"]
+    for r in e:
+        lines.append(f"| {r['strength']:g} | {pct(r['edit_fidelity'])} | {pct(r['kept_original'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def svg_plot(rows) -> str:
+    """Fidelity (%) against guidance weight, one line per split: a small self-contained SVG."""
+    W, H, L, B = 420, 260, 50, 40
+    xs = sorted({r["guidance"] for r in rows})
+    X = lambda w: L + (W - L - 20) * (w - xs[0]) / max(xs[-1] - xs[0], 1e-9)      # noqa: E731
+    Y = lambda v: H - B - (H - B - 20) * v                                           # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<line x1="{L}" y1="{Y(0)}" x2="{W - 20}" y2="{Y(0)}" stroke="black"/>',
+           f'<line x1="{L}" y1="{Y(0)}" x2="{L}" y2="{Y(1)}" stroke="black"/>']
+    for v in (0, 0.25, 0.5, 0.75, 1.0):
+        out.append(f'<text x="{L - 6}" y="{Y(v) + 4}" text-anchor="end">{int(100 * v)}%</text>')
+        out.append(f'<line x1="{L}" y1="{Y(v)}" x2="{W - 20}" y2="{Y(v)}" stroke="#ddd"/>')
+    for w in xs:
+        out.append(f'<text x="{X(w)}" y="{H - B + 15}" text-anchor="middle">{w:g}</text>')
+    out.append(f'<text x="{(L + W) / 2}" y="{H - 5}" text-anchor="middle">guidance weight w</text>')
+    for i, (split, colour) in enumerate((("validation", "#1f77b4"), ("heldout", "#d62728"))):
+        pts = [(X(r["guidance"]), Y(r["fidelity"])) for r in rows if r["split"] == split]
+        if not pts:
+            continue
+        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="'
+                   + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>')
+        out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"/>' for x, y in pts]
+        out.append(f'<text x="{L + 10}" y="{20 + 14 * i}" fill="{colour}">{split} prompt fidelity</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m jaxdiff.eval.study", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="models/shapes_sd")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n", type=int, default=500, help="validation prompts")
+    ap.add_argument("--heldout", type=int, default=300, help="held-out prompts")
+    ap.add_argument("--sdedit", type=int, default=200, help="images recoloured per strength")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--sampler", default="ddim")
+    ap.add_argument("--sdedit-guidance", type=float, default=5.0)
+    args = ap.parse_args(argv)
+    from jaxdiff.pipeline import Pipeline
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = Pipeline.from_pretrained(args.model)
+    t = time.perf_counter()
+    result = {"model": args.model, "steps": args.steps, "sampler": args.sampler,
+              "sdedit_guidance": args.sdedit_guidance,
+              "guidance": guidance_study(pipe, args.n, args.heldout, args.steps, args.sampler),
+              "sdedit": sdedit_study(pipe, args.sdedit, args.steps, args.sampler, args.sdedit_guidance)}
+    result["seconds"] = time.perf_counter() - t
+    (out / "study.json").write_text(json.dumps(result, indent=1))
+    (out / "study.md").write_text(markdown(result))
+    (out / "study.svg").write_text(svg_plot(result["guidance"]))
+    print(f"wrote {out / 'study.json'}, study.md, study.svg ({result['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""A latent-diffusion training run as a model: what the run records beside its checkpoints
+(``ldm.json``, ``tokenizer/``) and its export to a diffusers folder (``jaxdiff export``).
+
+``ldm.json`` holds the resolved component configs (diffusers / transformers form, the latent
+scaling factor included) and where the frozen parts came from, so a run folder alone says which
+model its checkpoints belong to.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+RECORD = "ldm.json"
+
+
+def latent_scaling_factor(vae_config, vae_params, source: str, resolution: int, n: int = 1024, seed: int = 0) -> float:
+    """1 / std of VAE latents z ~ q(z | x) over the first ``n`` images of ``source`` (the rule that gave
+    SD 1's 0.18215): scaled latents have unit variance, which the noise schedule assumes."""
+    from jaxdiff.data import pipeline as pl
+    from jaxdiff.vae import AutoencoderKL
+    src = pl.open_source(source, resolution=resolution)
+    decode = pl.DecodeExample(resolution)
+    images = []
+    for i in range(min(n, len(src))):
+        ex = decode(src[i])
+        if ex is not None:
+            images.append(ex["image"])
+    if not images:
+        raise ValueError(f"{source}: no readable images to measure the latent scale on")
+    x = np.stack(images).astype(np.float32) / 127.5 - 1
+    vae = AutoencoderKL(vae_config)
+    encode = jax.jit(lambda p, x, k: vae.apply({"params": p}, x, method=AutoencoderKL.encode).sample(k))
+    z = np.concatenate([np.asarray(encode(vae_params, x[i:i + 128], jax.random.key(seed + i)))
+                        for i in range(0, len(x), 128)])
+    shift = vae_config.shift_factor or 0.0
+    return float(1.0 / np.std(z - shift))
+
+
+def write_ldm_record(workdir, unet_config, vae_config, text_config, ldm, tokenizer_folder, **sources):
+    """WORKDIR/ldm.json (component configs, scheduler, sources) and WORKDIR/tokenizer/."""
+    from jaxdiff.convert import diffusers as dconv
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = {"unet": dconv.unet_config_to_diffusers(unet_config), "vae": dconv.vae_config_to_diffusers(vae_config),
+              "text_encoder": dconv.text_config_to_transformers(text_config),
+              "scheduler": scheduler_config(ldm), "sources": {k: str(v) for k, v in sources.items()}}
+    if tokenizer_folder is not None:
+        shutil.copytree(tokenizer_folder, workdir / "tokenizer", dirs_exist_ok=True)
+    tmp = workdir / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(workdir / RECORD)
+
+
+def scheduler_config(ldm) -> dict:
+    """The DDIM scheduler config a trained model samples with (the training schedule, SD 1's defaults)."""
+    return {"_class_name": "DDIMScheduler", "beta_start": ldm.beta_start, "beta_end": ldm.beta_end,
+            "beta_schedule": ldm.beta_schedule, "num_train_timesteps": ldm.num_train_timesteps,
+            "prediction_type": ldm.prediction_type, "clip_sample": False, "set_alpha_to_one": False,
+            "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+def export_ldm(workdir, out, overwrite: bool = False, prefer_ema: bool = True):
+    """A latent-diffusion run (its newest checkpoint, EMA if kept) -> a diffusers folder."""
+    from jaxdiff import clip as clip_lib
+    from jaxdiff.convert import diffusers as dconv
+    from jaxdiff.pretrained import StableDiffusion, save_pretrained
+    from jaxdiff.train.loop import load_run_params
+    workdir = Path(workdir)
+    rec = json.loads((workdir / RECORD).read_text())
+    ucfg = dconv.unet_config_from_diffusers(rec["unet"])
+    vcfg = dconv.vae_config_from_diffusers(rec["vae"])
+    tcfg = dconv.text_config_from_transformers(rec["text_encoder"])
+    unet, step = load_run_params(workdir, prefer_ema=prefer_ema)
+    src = rec["sources"]
+    if not src.get("vae_workdir") or not src.get("text_encoder"):
+        raise ValueError(f"{workdir}: export needs a run with a trained VAE (model.vae_workdir) and a CLIP text "
+                         "encoder (model.text_encoder); this one used random frozen parts")
+    from jaxdiff.eval.vae import load_vae
+    _, vae = load_vae(src["vae_workdir"])
+    from jaxdiff.eval.clip import load as load_clip_model
+    clip_model = load_clip_model(src["text_encoder"])
+    text_cfg, text = clip_lib.text_encoder(clip_model.config, clip_model.params)
+    if text_cfg != tcfg:
+        raise ValueError(f"{src['text_encoder']}: its text tower no longer matches the run's ({workdir / RECORD})")
+    model = StableDiffusion(ucfg, vcfg, tcfg, {"unet": unet, "vae": vae, "text_encoder": text}, None,
+                            rec["scheduler"])
+    save_pretrained(model, out, tokenizer_folder=workdir / "tokenizer", overwrite=overwrite)
+    return step
+
+
+def export_vae(workdir, out, overwrite: bool = False) -> float:
+    """A VAE run -> a diffusers ``AutoencoderKL`` folder whose scaling factor is measured on the run's
+    training data (:func:`latent_scaling_factor`); returns the factor."""
+    import dataclasses
+
+    from jaxdiff.convert import diffusers as dconv
+    from jaxdiff.eval.vae import load_vae
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    config, params = load_vae(workdir)
+    run = json.loads((Path(workdir) / "config.json").read_text())
+    run = run.get("config", run)
+    factor = latent_scaling_factor(config, params, run["data"]["source"], run["data"]["resolution"])
+    config = dataclasses.replace(config, scaling_factor=factor, sample_size=run["data"]["resolution"])
+    dconv.save_component(out, "vae", config, params)
+    return factor

@@ -1,0 +1,114 @@
+"""The shapes-world Stable Diffusion recipe at tiny size: CLIP run -> VAE run -> exported VAE (measured
+latent scale) -> LDM run on both -> exported diffusers folder that diffusers and jaxdiff sample alike;
+then the evaluation study, the VAE PSNR command, the demo grid and the default model."""
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+
+from jaxdiff import cli as top
+from jaxdiff.train import cli as train_cli
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    train_cli.main(["--config", "configs/clip_shapes.py:smoke", "--workdir", str(root / "clip"), "--config.loop.steps=2"])
+    train_cli.main(["--config", "configs/vae_shapes.py:smoke", "--workdir", str(root / "vae"), "--config.loop.steps=2"])
+    top.main(["export", "--workdir", str(root / "vae"), "--out", str(root / "vae_out")])
+    train_cli.main(["--config", "configs/ldm_shapes.py:smoke", "--workdir", str(root / "ldm"), "--config.loop.steps=2",
+                    f"--config.model.vae_workdir={root / 'vae_out'}", f"--config.model.text_encoder={root / 'clip'}",
+                    "--config.model.scaling_factor=0"])
+    top.main(["export", "--workdir", str(root / "ldm"), "--out", str(root / "sd")])
+    return root
+
+
+def test_exported_vae_carries_the_measured_latent_scale(recipe):
+    from jaxdiff.eval.vae import load_vae
+    from jaxdiff.train.runs import latent_scaling_factor
+    cfg = json.loads((recipe / "vae_out" / "config.json").read_text())
+    vcfg, params = load_vae(recipe / "vae")
+    expect = latent_scaling_factor(vcfg, params, "synthetic:256", 32)
+    assert cfg["scaling_factor"] == pytest.approx(expect, rel=1e-6) and cfg["scaling_factor"] != 0.18215
+    ldm = json.loads((recipe / "ldm" / "ldm.json").read_text())
+    assert ldm["vae"]["scaling_factor"] == pytest.approx(expect, rel=1e-5)     # re-measured by the LDM run
+    assert ldm["sources"]["text_encoder"] == str(recipe / "clip")
+
+
+def test_exported_model_samples_like_diffusers(recipe):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from jaxdiff.pipeline import Pipeline
+    from jaxdiff.pretrained import load_pretrained
+    sd = load_pretrained(recipe / "sd")
+    assert sd.tokenizer.max_length == 16 and len(sd.tokenizer._tok) == 644     # the CLIP run's shapes tokenizer
+    theirs = StableDiffusionPipeline.from_pretrained(str(recipe / "sd"), safety_checker=None)
+    theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    lat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    want = theirs("a red circle", num_inference_steps=5, guidance_scale=5.0, latents=lat, height=32, width=32,
+                  output_type="np").images
+    got = Pipeline.from_model(sd).txt2img("a red circle", steps=5, guidance=5.0, sampler="ddim",
+                                          latents=lat.numpy(), height=32, width=32)
+    psnr = 10 * np.log10(1 / max(float(np.mean((np.asarray(got) - want) ** 2)), 1e-30))
+    assert psnr > 60, psnr
+
+
+def test_eval_vae_command_on_run_and_export(recipe, capsys):
+    from jaxdiff.eval import cli
+    cli.main(["vae", "--model", str(recipe / "vae"), "--n", "8", "--resolution", "32"])
+    run = capsys.readouterr().out
+    cli.main(["vae", "--model", str(recipe / "sd"), "--n", "8", "--resolution", "32"])
+    exported = capsys.readouterr().out
+    assert "reconstruction PSNR on 8 validation images" in run and run == exported
+    with pytest.raises(SystemExit, match="not a VAE run"):
+        cli.main(["vae", "--model", str(recipe / "clip"), "--n", "2"])
+
+
+def test_study_tables_and_plot(recipe, tmp_path):
+    from jaxdiff.eval import study
+    from jaxdiff.pipeline import Pipeline
+    pipe = Pipeline.from_pretrained(recipe / "sd")
+    rows = study.guidance_study(pipe, 4, 2, steps=2, sampler="ddim", weights=(0.0, 3.0), log=lambda *_: None)
+    assert [(r["split"], r["guidance"]) for r in rows] == [("validation", 0.0), ("validation", 3.0),
+                                                           ("heldout", 0.0), ("heldout", 3.0)]
+    assert all(0 <= r["fidelity"] <= 1 and r["frechet"] >= 0 for r in rows)
+    edits = study.sdedit_study(pipe, 2, steps=2, sampler="ddim", guidance=3.0, strengths=(0.5,), log=lambda *_: None)
+    assert edits[0]["strength"] == 0 and edits[0]["kept_original"] == 1.0 and edits[0]["edit_fidelity"] == 0.0
+    md = study.markdown({"model": "m", "steps": 2, "sampler": "ddim", "sdedit_guidance": 3.0, "guidance": rows,
+                         "sdedit": edits})
+    assert md.count("| validation (4) |") == 2 and "| 0.5 |" in md
+    ET.fromstring(study.svg_plot(rows))                                  # well-formed SVG
+
+
+def test_recolour_keeps_every_other_word():
+    from jaxdiff.data import shapes_world as sw
+    from jaxdiff.eval.study import recolour
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        s = sw.sample_scene("validation", i)
+        if s.kind not in ("single", "background"):
+            continue
+        edit = recolour(s, rng)
+        a, b = sw.parse_caption(s.caption), sw.parse_caption(edit)
+        assert b.objects[0].colour != a.objects[0].colour
+        assert (b.objects[0].shape, b.objects[0].size, b.objects[0].cell, b.background) == (
+            a.objects[0].shape, a.objects[0].size, a.objects[0].cell, a.background)
+
+
+def test_demo_grid_and_default_model(recipe, tmp_path, monkeypatch, capsys):
+    from jaxdiff import demo, generate
+    demo.main(["--model", str(recipe / "sd"), "--steps", "2", "--seeds", "1", "--out", str(tmp_path),
+               "--prompt", "a red circle", "--prompt", "a photo of a cat"])
+    out = capsys.readouterr().out
+    assert (tmp_path / "shapes_grid.png").is_file() and "wrote" in out
+    monkeypatch.setattr(generate, "DEFAULT_MODEL", recipe / "sd")
+    p = generate._resolve("txt2img", generate._parser("txt2img").parse_args(["--prompt", "a red circle", "--out", "x"]))
+    assert p["model"] == str(recipe / "sd")
+    called = []
+    monkeypatch.setattr(generate, "DEFAULT_MODEL", tmp_path / "missing")
+    monkeypatch.setattr(demo, "parity", lambda args: called.append(args))
+    demo.main(["--out", str(tmp_path)])                                  # no trained model: the parity demo
+    assert len(called) == 1
