@@ -49,7 +49,7 @@ def _export(args):
     if (work / "ldm.json").is_file():
         from jaxdiff.train.runs import export_ldm
         try:
-            step = export_ldm(work, out, overwrite=args.overwrite)
+            step = export_ldm(work, out, overwrite=args.overwrite, prefer_ema=not args.raw_params)
         except ValueError as err:
             sys.exit(f"jaxdiff export: {err}")
         print(f"wrote {out} (diffusers folder, UNet of step {step}; load with Pipeline.from_pretrained or "
@@ -110,6 +110,8 @@ def main(argv=None):
     e.add_argument("--out", required=True)
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--drop-logit-bias", action="store_true", help="export a sigmoid-loss CLIP without its bias")
+    e.add_argument("--raw-params", action="store_true",
+                   help="a latent-diffusion run: export the trained params, not their EMA")
     args = ap.parse_args(argv)
     if args.command == "export":
         from jaxdiff.convert.diffusers import ModelFolderError
