@@ -121,6 +121,8 @@ def _fit_shape(alpha, ox, oy, s):
         e = np.sqrt(mass / sw.SHAPE_AREA[shape])
         t = sw.coverage(shape, cx, cy - sw.SHAPE_CENTROID_DY.get(shape, 0.0) * e, e, ox, oy, w, h)
         norm = float((t * t).sum())
+        if norm <= 0:             # the template covers no pixel sample of this crop (seen on model outputs)
+            continue
         for sigma in BLURS:
             tb = ndimage.gaussian_filter(t, sigma * s / 64, mode="constant") if sigma else t
             err = float(((alpha - tb) ** 2).sum()) / norm
