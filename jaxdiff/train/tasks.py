@@ -31,7 +31,11 @@ class LDMConfig:
 def _init_like(module, kind, config, key, init_params=None):
     """Boxed params (logical axis names) from a smallest-input init, or ``init_params`` in those boxes."""
     from jaxdiff.convert.diffusers import COMPONENTS
-    boxed = module.init(key, *COMPONENTS[kind].dummy_inputs(config))["params"]
+    return _boxed_like(module.init(key, *COMPONENTS[kind].dummy_inputs(config))["params"], init_params)
+
+
+def _boxed_like(boxed, init_params=None):
+    """``init_params`` placed in the boxes (logical axis names) of a fresh init; the init itself if None."""
     if init_params is None:
         return boxed
     return jax.tree.map(lambda b, p: b.replace_boxed(jnp.asarray(p, b.value.dtype)), boxed, init_params,
@@ -214,11 +218,7 @@ def clip_task(cfg: CLIPConfigTrain, clip_config, mesh=None, rules=None, init_par
     axes = dict(rules or sh.DATA_PARALLEL).get(sh.BATCH)
 
     def init(key):
-        boxed = model.init(key, *clip_lib.dummy_inputs(clip_config))["params"]
-        if init_params is None:
-            return boxed
-        return jax.tree.map(lambda b, p: b.replace_boxed(jnp.asarray(p, b.value.dtype)), boxed, init_params,
-                            is_leaf=lambda b: hasattr(b, "replace_boxed"))
+        return _boxed_like(model.init(key, *clip_lib.dummy_inputs(clip_config))["params"], init_params)
 
     def loss(params, frozen, batch, key):
         v = {"params": params}
