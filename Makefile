@@ -34,7 +34,8 @@ shapes-sd: setup
 	$(JD) train --config configs/clip_shapes.py --workdir runs/clip_shapes
 	$(JD) export --workdir runs/clip_shapes --out models/shapes_clip --overwrite
 	$(JD) train --config configs/vae_shapes.py --workdir runs/vae_shapes
-	$(JD) export --workdir runs/vae_shapes --out models/shapes_vae --overwrite
+	$(JD) train --config configs/vae_shapes_ft.py --workdir runs/vae_shapes_ft
+	$(JD) export --workdir runs/vae_shapes_ft --out models/shapes_vae --overwrite
 	$(JD) train --config configs/ldm_shapes.py --workdir runs/ldm_shapes
 	$(JD) export --workdir runs/ldm_shapes --out models/shapes_sd --overwrite
 	$(PY) -m jaxdiff.eval.study --model models/shapes_sd --out docs/shapes_sd

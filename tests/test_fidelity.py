@@ -145,3 +145,18 @@ def test_evaluate_folder_and_cli(tmp_path, capsys):
     assert "broken.png: unreadable image" in str(e.value) and "bad.png: caption 'a red blob'" in str(e.value)
     with pytest.raises(SystemExit, match="no such folder"):
         cli.main(["fidelity", "--images", str(tmp_path / "missing")])
+
+
+def test_a_template_outside_the_crop_is_skipped(monkeypatch):
+    """Regression (seen on model outputs): a shape template that covers no pixel sample of the crop has zero
+    norm; the fit must skip it, not divide by zero."""
+    import numpy as np
+    from jaxdiff.data import shapes_world as sw
+    from jaxdiff.eval import fidelity as F
+    alpha = np.zeros((8, 8))
+    alpha[2:6, 2:6] = 1.0                                                   # a 4 x 4 square
+    coverage = sw.coverage
+    monkeypatch.setattr(sw, "coverage", lambda shape, *a: np.zeros_like(coverage(shape, *a)) if shape == "square"
+                        else coverage(shape, *a))
+    shape, _, (cx, cy), err = F._fit_shape(alpha, 0, 0, 64)
+    assert shape != "square" and np.isfinite(err) and (cx, cy) == (4.0, 4.0)

@@ -28,7 +28,7 @@ def _torch_shapes(kind, config):
 
 
 @pytest.mark.parametrize("kind,module,preset", [
-    ("unet", unet, "sd15"), ("unet", unet, "sd21"), ("unet", unet, "sdxl"),
+    ("unet", unet, "sd15"), ("unet", unet, "sd21"), ("unet", unet, "sdxl"), ("unet", unet, "shapes"), ("vae", vae, "shapes"),
     ("vae", vae, "sd15"), ("text_encoder", text, "sd15"), ("text_encoder", text, "sd21"),
     ("text_encoder", text, "sdxl"),
 ])

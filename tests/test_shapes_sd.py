@@ -1,9 +1,10 @@
-"""The shapes-world Stable Diffusion recipe at tiny size: CLIP run -> VAE run -> exported VAE (measured
+"""The shapes-world Stable Diffusion recipe at tiny size: CLIP run -> VAE run -> VAE fine-tune -> exported VAE (measured
 latent scale) -> LDM run on both -> exported diffusers folder that diffusers and jaxdiff sample alike;
 then the evaluation study, the VAE PSNR command, the demo grid and the default model."""
 import json
 import xml.etree.ElementTree as ET
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,9 @@ def recipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
     train_cli.main(["--config", "configs/clip_shapes.py:smoke", "--workdir", str(root / "clip"), "--config.loop.steps=2"])
     train_cli.main(["--config", "configs/vae_shapes.py:smoke", "--workdir", str(root / "vae"), "--config.loop.steps=2"])
-    top.main(["export", "--workdir", str(root / "vae"), "--out", str(root / "vae_out")])
+    train_cli.main(["--config", "configs/vae_shapes_ft.py:smoke", "--workdir", str(root / "vae_ft"),
+                    "--config.loop.steps=2", f"--config.model.model_dir={root / 'vae'}"])
+    top.main(["export", "--workdir", str(root / "vae_ft"), "--out", str(root / "vae_out")])
     train_cli.main(["--config", "configs/ldm_shapes.py:smoke", "--workdir", str(root / "ldm"), "--config.loop.steps=2",
                     f"--config.model.vae_workdir={root / 'vae_out'}", f"--config.model.text_encoder={root / 'clip'}",
                     "--config.model.scaling_factor=0"])
@@ -29,12 +32,48 @@ def test_exported_vae_carries_the_measured_latent_scale(recipe):
     from jaxdiff.eval.vae import load_vae
     from jaxdiff.train.runs import latent_scaling_factor
     cfg = json.loads((recipe / "vae_out" / "config.json").read_text())
-    vcfg, params = load_vae(recipe / "vae")
+    vcfg, params = load_vae(recipe / "vae_ft")
     expect = latent_scaling_factor(vcfg, params, "synthetic:256", 32)
     assert cfg["scaling_factor"] == pytest.approx(expect, rel=1e-6) and cfg["scaling_factor"] != 0.18215
     ldm = json.loads((recipe / "ldm" / "ldm.json").read_text())
     assert ldm["vae"]["scaling_factor"] == pytest.approx(expect, rel=1e-5)     # re-measured by the LDM run
     assert ldm["sources"]["text_encoder"] == str(recipe / "clip")
+
+
+def test_vae_fine_tune_starts_from_its_model_dir(recipe, tmp_path):
+    """Stage 2 of the VAE recipe starts from stage 1's weights (with lr 0 it keeps them) and has its config."""
+    from jaxdiff.eval.vae import load_vae
+    train_cli.main(["--config", "configs/vae_shapes_ft.py:smoke", "--workdir", str(tmp_path / "ft"),
+                    "--config.loop.steps=1", "--config.optim.learning_rate=0", f"--config.model.model_dir={recipe / 'vae'}"])
+    (c1, p1), (c2, p2) = load_vae(recipe / "vae"), load_vae(tmp_path / "ft")
+    assert c1 == c2
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(SystemExit, match="model.model_dir"):
+        train_cli.main(["--config", "configs/vae_shapes_ft.py:smoke", "--workdir", str(tmp_path / "bad"),
+                        f"--config.model.model_dir={tmp_path / 'nowhere'}"])
+
+
+def test_text_encoder_trained_with_the_unet(recipe, tmp_path):
+    """ldm.train_text_encoder: the CLIP's text tower starts the run, gets gradients, and the export carries
+    the trained tower (not the CLIP's)."""
+    from jaxdiff import clip as clip_lib
+    from jaxdiff.eval.clip import load as load_clip_model
+    from jaxdiff.pretrained import load_pretrained
+    from jaxdiff.train.loop import load_run_params
+    train_cli.main(["--config", "configs/ldm_shapes.py:smoke", "--workdir", str(tmp_path / "ldm"), "--config.loop.steps=2",
+                    f"--config.model.vae_workdir={recipe / 'vae_out'}", f"--config.model.text_encoder={recipe / 'clip'}",
+                    "--config.model.scaling_factor=0", "--config.ldm.train_text_encoder=True"])
+    params, _ = load_run_params(tmp_path / "ldm", prefer_ema=False)
+    assert set(params) == {"unet", "text_encoder"}
+    clip_model = load_clip_model(recipe / "clip")
+    _, start = clip_lib.text_encoder(clip_model.config, clip_model.params)
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
+    assert flat(start).shape == flat(params["text_encoder"]).shape
+    assert not np.allclose(flat(start), flat(params["text_encoder"]))          # it trained
+    top.main(["export", "--workdir", str(tmp_path / "ldm"), "--out", str(tmp_path / "sd"), "--raw-params"])
+    sd = load_pretrained(tmp_path / "sd")
+    np.testing.assert_allclose(flat(sd.params["text_encoder"]), flat(params["text_encoder"]), rtol=1e-6)
 
 
 def test_exported_model_samples_like_diffusers(recipe):
@@ -58,11 +97,12 @@ def test_exported_model_samples_like_diffusers(recipe):
 
 def test_eval_vae_command_on_run_and_export(recipe, capsys):
     from jaxdiff.eval import cli
-    cli.main(["vae", "--model", str(recipe / "vae"), "--n", "8", "--resolution", "32"])
+    cli.main(["vae", "--model", str(recipe / "vae_ft"), "--n", "8", "--resolution", "32"])
     run = capsys.readouterr().out
     cli.main(["vae", "--model", str(recipe / "sd"), "--n", "8", "--resolution", "32"])
     exported = capsys.readouterr().out
     assert "reconstruction PSNR on 8 validation images" in run and run == exported
+    assert "prompt fidelity of the reconstructions" in run
     with pytest.raises(SystemExit, match="not a VAE run"):
         cli.main(["vae", "--model", str(recipe / "clip"), "--n", "2"])
 

@@ -117,6 +117,21 @@ def test_frozen_params_and_ema():
         _run(one_device_mesh(), sh.DATA_PARALLEL, 1, optim=OptimConfig(frozen=("nope",)))
 
 
+def test_ema_warmup():
+    """The EMA's decay ramps as (1 + t) / (10 + t) up to ema_decay, so a short run's EMA forgets the init."""
+    from jaxdiff.train.optim import ema_decay_at
+    cfg = OptimConfig(ema_decay=0.999)
+    np.testing.assert_allclose([float(ema_decay_at(cfg, t)) for t in (0, 10, 990, 20000)], [0.1, 11 / 20, 0.991, 0.999],
+                               rtol=1e-6)
+    assert float(ema_decay_at(OptimConfig(ema_decay=0.999, ema_warmup=False), 0)) == np.float32(0.999)
+    # after the first update the warm EMA holds 0.9 of the params (it would hold 0.001 without warm-up)
+    optim = OptimConfig(learning_rate=0.05, total_steps=50, ema_decay=0.999)
+    init, _, _ = init_state(toy_task(), optim, one_device_mesh(), sh.DATA_PARALLEL, seed=0)
+    state, _ = _run(one_device_mesh(), sh.DATA_PARALLEL, 1, optim=optim)
+    np.testing.assert_allclose(state.ema["kernel"], 0.1 * init.params["kernel"] + 0.9 * state.params["kernel"],
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_accumulation_equals_the_big_batch():
     """2 micro-batches of 8 with accumulate=2 = one batch of 16 (the toy loss is a batch mean)."""
     small, _ = _run(one_device_mesh(), sh.DATA_PARALLEL, 2, optim=OptimConfig(learning_rate=0.05, accumulate=2))

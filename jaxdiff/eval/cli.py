@@ -147,6 +147,9 @@ def _vae(args):
         sys.exit(f"jaxdiff eval vae: {e}")
     print(f"reconstruction PSNR on {report['n']} {report['split']} images at {report['resolution']} px: "
           f"mean {report['psnr_mean']:.2f} dB, median {report['psnr_median']:.2f}, min {report['psnr_min']:.2f}")
+    attrs = ", ".join(f"{k} {100 * v:.1f} %" for k, v in report["fidelity_by_attribute"].items() if v is not None)
+    print(f"prompt fidelity of the reconstructions (the ceiling for a latent diffusion model on this VAE): "
+          f"{100 * report['fidelity']:.1f} % ({attrs})")
     if args.json:
         write_json(dict(report, model=str(args.model)), args.json)
         print(f"wrote {args.json}")
@@ -181,7 +184,7 @@ def main(argv=None):
                    "captions.jsonl), e.g. `jaxdiff txt2img` output")
     s.add_argument("--prompt", help="score every image against this prompt instead")
     s.add_argument("--json", help="report path (default: IMAGES/clip_score.json)")
-    v = sub.add_parser("vae", help="VAE reconstruction PSNR on rendered shapes-world images")
+    v = sub.add_parser("vae", help="VAE reconstruction PSNR and prompt fidelity on rendered shapes-world images")
     v.add_argument("--model", required=True, help="a `jaxdiff train` VAE run, a diffusers folder or its vae/")
     v.add_argument("--split", default="validation")
     v.add_argument("--n", type=int, default=500)

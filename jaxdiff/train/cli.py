@@ -99,17 +99,28 @@ def build(config, mesh=None, rules=None, workdir=None):
     if config.task == "clip":
         return _build_clip(config, mesh, rules, workdir)
 
+    import tempfile
+
     from jaxdiff.convert.diffusers import COMPONENTS
     from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer
     from jaxdiff.train import tasks
     m = config.model
     sd = None
+    if config.task == "vae" and m.model_dir:
+        # fine-tune a VAE: from a VAE run, an exported AutoencoderKL folder or a diffusers folder's vae/
+        from jaxdiff.eval.vae import load_vae
+        try:
+            vcfg, init = load_vae(m.model_dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"jaxdiff train: model.model_dir: {e}") from None
+        tok_folder = write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")) / "tokenizer")
+        return tasks.vae_task(_dataclass(tasks.VAEConfigTrain, dict(config.vae)), vcfg, init_params=init), \
+            Tokenizer(tok_folder)
     if m.model_dir:
         from jaxdiff.pretrained import load_pretrained
         sd = load_pretrained(m.model_dir)
         tok, tok_folder = sd.tokenizer, Path(m.model_dir) / "tokenizer"
-    else:
-        import tempfile                   # the CLIP vocabulary, built locally by every process
+    else:                                 # the CLIP vocabulary, built locally by every process
         tok_folder = write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")) / "tokenizer")
         tok = Tokenizer(tok_folder)
 
@@ -152,7 +163,8 @@ def build(config, mesh=None, rules=None, workdir=None):
         clip_model = load_clip_model(m.text_encoder)
         tcfg, frozen["text_encoder"] = clip_lib.text_encoder(clip_model.config, clip_model.params)
         tok, tok_folder = clip_model.tokenizer, clip_model.tokenizer_folder
-        print(f"frozen text encoder: the text tower of {m.text_encoder}", flush=True)
+        how = "trained with the UNet from" if config.ldm.get("train_text_encoder") else "frozen:"
+        print(f"text encoder: {how} the text tower of {m.text_encoder}", flush=True)
     if tcfg.hidden_size != ucfg.cross_attention_dim:
         raise SystemExit(f"jaxdiff train: the text encoder's width {tcfg.hidden_size} differs from the UNet's "
                          f"cross_attention_dim {ucfg.cross_attention_dim} (model.preset={m.preset!r})")

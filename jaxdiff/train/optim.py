@@ -24,6 +24,7 @@ class OptimConfig:
     accumulate: int = 1              # micro-batches per update (optax.MultiSteps)
     frozen: tuple[str, ...] = ()     # regexes over "a/b/c" param paths that are not trained
     ema_decay: float = 0.0           # 0: no EMA copy
+    ema_warmup: bool = True          # decay at update t: min(ema_decay, (1 + t) / (10 + t)), as diffusers' EMAModel
 
 
 def path_str(path) -> str:
@@ -60,6 +61,15 @@ def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
     if cfg.accumulate > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulate)
     return tx
+
+
+def ema_decay_at(cfg: OptimConfig, step):
+    """The EMA decay for the update after ``step`` steps: without warm-up a short run's EMA would still hold
+    decay ** step of the random init (0.999 ** 2000 = e^-2: such samples are noise)."""
+    if not cfg.ema_warmup:
+        return jnp.asarray(cfg.ema_decay, jnp.float32)
+    t = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(cfg.ema_decay, (1 + t) / (10 + t))
 
 
 def ema_update(ema, params, decay):

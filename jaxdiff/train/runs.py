@@ -84,6 +84,8 @@ def export_ldm(workdir, out, overwrite: bool = False, prefer_ema: bool = True):
     from jaxdiff.eval.clip import load as load_clip_model
     clip_model = load_clip_model(src["text_encoder"])
     text_cfg, text = clip_lib.text_encoder(clip_model.config, clip_model.params)
+    if isinstance(unet, dict) and set(unet) == {"unet", "text_encoder"}:    # ldm.train_text_encoder: trained here
+        unet, text = unet["unet"], unet["text_encoder"]
     if text_cfg != tcfg:
         raise ValueError(f"{src['text_encoder']}: its text tower no longer matches the run's ({workdir / RECORD})")
     model = StableDiffusion(ucfg, vcfg, tcfg, {"unet": unet, "vae": vae, "text_encoder": text}, None,

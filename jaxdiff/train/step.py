@@ -12,7 +12,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdiff import sharding as sh
-from jaxdiff.train.optim import OptimConfig, ema_update, make_optimizer, schedule
+from jaxdiff.train.optim import OptimConfig, ema_decay_at, ema_update, make_optimizer, schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ def make_train_step(task: Task, tx, optim: OptimConfig, state_shardings, frozen_
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         ema = None
         if state.ema is not None:
-            ema = keep(ema_update(state.ema, params, optim.ema_decay), state.ema)
+            ema = keep(ema_update(state.ema, params, ema_decay_at(optim, state.step)), state.ema)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
                             bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
                             skipped=state.skipped + (~ok).astype(jnp.int32))

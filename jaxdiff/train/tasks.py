@@ -26,6 +26,7 @@ class LDMConfig:
     num_train_timesteps: int = 1000
     compute_dtype: str = "float32"          # bfloat16: bf16 compute, fp32 master params
     remat: bool = False                     # recompute UNet blocks in the backward pass (less memory)
+    train_text_encoder: bool = False        # True: fine-tune the text encoder with the UNet (params {unet, text_encoder})
 
 
 def _init_like(module, kind, config, key, init_params=None):
@@ -64,8 +65,18 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
                        "num_train_timesteps": cfg.num_train_timesteps}, "ddpm")
     alphas_cumprod = jnp.asarray(S.alphas_cumprod(sched))
     uncond = jnp.asarray(uncond_ids, jnp.int32).reshape(1, -1)
+    train_text = cfg.train_text_encoder
+
     def init(key):
-        return _init_like(unet, "unet", unet_config, key, init_params)
+        u = _init_like(unet, "unet", unet_config, key, init_params)
+        if not train_text:
+            return u
+        # the text encoder starts from the given one (e.g. a CLIP's text tower) and trains with the UNet
+        return {"unet": u, "text_encoder": _init_like(text, "text_encoder", text_config, key, frozen["text_encoder"])}
+
+    def split(params, frozen):
+        """(UNet params, text-encoder params) of the trained params (and the frozen parts)."""
+        return (params["unet"], params["text_encoder"]) if train_text else (params, frozen["text_encoder"])
 
     def loss(params, frozen, batch, key):
         k_enc, k_t, k_eps, k_drop = jax.random.split(key, 4)
@@ -77,13 +88,15 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
         # 2. conditioning dropout: a fraction of samples see the empty prompt (classifier-free guidance)
         drop = jax.random.uniform(k_drop, (b,)) < cfg.cond_dropout
         ids = jnp.where(drop[:, None], uncond, ids)
-        ctx = jax.lax.stop_gradient(text.apply({"params": frozen["text_encoder"]}, ids)["last_hidden_state"])
+        unet_params, text_params = split(params, frozen)
+        ctx = text.apply({"params": text_params}, ids)["last_hidden_state"]
+        ctx = ctx if train_text else jax.lax.stop_gradient(ctx)
         # 3. x_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps, t ~ U{0, ..., T - 1}
         t = jax.random.randint(k_t, (b,), 0, cfg.num_train_timesteps)
         eps = jax.random.normal(k_eps, z0.shape)
         ab = alphas_cumprod[t][:, None, None, None]
         x_t = jnp.sqrt(ab) * z0 + jnp.sqrt(1 - ab) * eps
-        out = unet.apply({"params": params}, x_t, t, ctx).astype(jnp.float32)
+        out = unet.apply({"params": unet_params}, x_t, t, ctx).astype(jnp.float32)
         # 4. the target, and per-sample mean squared error
         target = {"epsilon": eps, "sample": z0,
                   "v_prediction": jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * z0}[cfg.prediction_type]
@@ -110,9 +123,10 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
 
         def sample(params, frozen, key):
             """Sample grid: the fixed prompts, DDIM, classifier-free guidance (the sampling code's)."""
-            encode = lambda ids: text.apply({"params": frozen["text_encoder"]}, ids)["last_hidden_state"]  # noqa: E731
+            unet_params, text_params = split(params, frozen)
+            encode = lambda ids: text.apply({"params": text_params}, ids)["last_hidden_state"]  # noqa: E731
             ctx_c, ctx_u = encode(prompts), encode(jnp.broadcast_to(uncond, prompts.shape))
-            model = lambda x, t, c: unet.apply({"params": params}, x, t, c).astype(jnp.float32)  # noqa: E731
+            model = lambda x, t, c: unet.apply({"params": unet_params}, x, t, c).astype(jnp.float32)  # noqa: E731
             denoise = G.classifier_free(model, ctx_c, ctx_u, sample_guidance)
             x = SM.sample(denoise, ddim, plan.arrays, jax.random.normal(key, lat))
             img = vae.apply({"params": frozen["vae"]}, x / vae_config.scaling_factor, method=AutoencoderKL.decode)
