@@ -181,7 +181,8 @@ def parity(args):
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     print(f"      diffusers reloads it; UNet weights identical to the original: {same}")
     print(f"done in {time.time() - t0:.0f} s. Random weights: this demo proves loading, sampling and parity, "
-          "not image quality (the trained shapes-world model comes with a later issue).")
+          "not image quality (once models/shapes_sd is trained, see docs/shapes_sd.md, `make demo` draws a "
+          "prompt grid with it).")
 
 
 if __name__ == "__main__":
