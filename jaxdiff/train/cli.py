@@ -106,6 +106,10 @@ def build(config, mesh=None, rules=None, workdir=None):
     from jaxdiff.train import tasks
     m = config.model
     sd = None
+
+    def clip_vocabulary():                # the CLIP vocabulary's folder, built locally by every process
+        return write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")) / "tokenizer")
+
     if config.task == "vae" and m.model_dir:
         # fine-tune a VAE: from a VAE run, an exported AutoencoderKL folder or a diffusers folder's vae/
         from jaxdiff.eval.vae import load_vae
@@ -113,15 +117,14 @@ def build(config, mesh=None, rules=None, workdir=None):
             vcfg, init = load_vae(m.model_dir)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"jaxdiff train: model.model_dir: {e}") from None
-        tok_folder = write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")) / "tokenizer")
         return tasks.vae_task(_dataclass(tasks.VAEConfigTrain, dict(config.vae)), vcfg, init_params=init), \
-            Tokenizer(tok_folder)
+            Tokenizer(clip_vocabulary())
     if m.model_dir:
         from jaxdiff.pretrained import load_pretrained
         sd = load_pretrained(m.model_dir)
         tok, tok_folder = sd.tokenizer, Path(m.model_dir) / "tokenizer"
-    else:                                 # the CLIP vocabulary, built locally by every process
-        tok_folder = write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")) / "tokenizer")
+    else:
+        tok_folder = clip_vocabulary()
         tok = Tokenizer(tok_folder)
 
     def preset(kind, name):
