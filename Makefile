@@ -26,7 +26,7 @@ test-all: setup
 demo: setup
 	$(PY) -m jaxdiff.demo
 
-# The shapes-world Stable Diffusion from scratch (about 2 hours on 2 CPU cores): data, CLIP, VAE, UNet,
+# The shapes-world Stable Diffusion from scratch (about 5 hours on 2 CPU cores): data, CLIP, VAE, UNet,
 # each exported to models/, then the guidance study into docs/shapes_sd/. Interrupted runs resume.
 JD := $(VENV)/bin/jaxdiff
 shapes-sd: setup
@@ -37,7 +37,9 @@ shapes-sd: setup
 	$(JD) train --config configs/vae_shapes_ft.py --workdir runs/vae_shapes_ft
 	$(JD) export --workdir runs/vae_shapes_ft --out models/shapes_vae --overwrite
 	$(JD) train --config configs/ldm_shapes.py --workdir runs/ldm_shapes
-	$(JD) export --workdir runs/ldm_shapes --out models/shapes_sd --overwrite
+	$(JD) export --workdir runs/ldm_shapes --out runs/ldm_shapes_export --overwrite
+	$(JD) train --config configs/ldm_shapes_zsnr.py --workdir runs/ldm_shapes_zsnr
+	$(JD) export --workdir runs/ldm_shapes_zsnr --out models/shapes_sd --overwrite
 	$(PY) -m jaxdiff.eval.study --model models/shapes_sd --out docs/shapes_sd
 
 bench: setup

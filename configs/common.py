@@ -19,8 +19,8 @@ SHAPES_PROMPTS = ("a red circle", "a large blue star in the top left", "two gree
 
 def ldm(**overrides) -> dict:
     return dict(dict(prediction_type="epsilon", min_snr_gamma=5.0, cond_dropout=0.1, beta_schedule="scaled_linear",
-                     beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, compute_dtype="float32",
-                     remat=False, train_text_encoder=False),
+                     beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, rescale_betas_zero_snr=False,
+                     timestep_spacing="leading", compute_dtype="float32", remat=False, train_text_encoder=False),
                 **overrides)
 
 

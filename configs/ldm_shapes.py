@@ -1,10 +1,11 @@
-"""The shapes-world Stable Diffusion's UNet: 16 x 16 x 4 latents of the shapes VAE, cross-attention to
-the text tower of the shapes CLIP (fine-tuned with the UNet), conditioning dropout for classifier-free
-guidance.
+"""The shapes-world Stable Diffusion's UNet, stage 1: 16 x 16 x 4 latents of the shapes VAE, cross-attention
+to the text tower of the shapes CLIP (fine-tuned with the UNet), conditioning dropout for classifier-free
+guidance; 3,500 steps of a 9,000-step schedule, then stage 2 (`configs/ldm_shapes_zsnr.py`) moves it to
+a zero-terminal-SNR schedule.
 
     jaxdiff train --config configs/ldm_shapes.py --workdir runs/ldm_shapes \\
         [--config.model.vae_workdir=models/shapes_vae] [--config.model.text_encoder=models/shapes_clip]
-    jaxdiff export --workdir runs/ldm_shapes --out models/shapes_sd
+    jaxdiff export --workdir runs/ldm_shapes --out runs/ldm_shapes_export     # stage 2 starts from it
     jaxdiff train --config configs/ldm_shapes.py:smoke --workdir /tmp/smoke     # tiny, 20 steps, synthetic data
 
 Recipe step 3 (`make shapes-sd`). `model.scaling_factor=0` measures the latent scale
@@ -27,9 +28,9 @@ def get_config(arg=None):
                    scaling_factor=0.0),
         data=dict(source="shapes_world:data/tfds", resolution=64, global_batch=64, seed=0),
         ldm=common.ldm(train_text_encoder=True),
-        optim=common.optim(learning_rate=5e-4, warmup_steps=300, total_steps=5500, final_lr_ratio=0.1,
+        optim=common.optim(learning_rate=5e-4, warmup_steps=300, total_steps=9000, final_lr_ratio=0.1,
                            ema_decay=0.999),
-        loop=common.loop(steps=5500, checkpoint_every=250, sample_every=1000),
+        loop=common.loop(steps=3500, checkpoint_every=250, sample_every=1000),
         sample_prompts=common.SHAPES_PROMPTS,
         mesh=dict(shape=(-1, 1, 1), rules="data_parallel")))
     if arg == "smoke":

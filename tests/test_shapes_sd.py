@@ -77,13 +77,40 @@ def test_text_encoder_trained_with_the_unet(recipe, tmp_path):
 
 
 def test_exported_model_samples_like_diffusers(recipe):
+    from jaxdiff.pretrained import load_pretrained
+    sd = load_pretrained(recipe / "sd")
+    assert sd.tokenizer.max_length == 16 and len(sd.tokenizer._tok) == 644     # the CLIP run's shapes tokenizer
+    _assert_samples_like_diffusers(recipe / "sd")
+
+
+def test_zero_snr_stage_from_an_exported_model(recipe, tmp_path):
+    """Stage 2 of the UNet recipe: starts from an exported model (its UNet, text tower and VAE), trains on
+    the zero-terminal-SNR schedule with v-prediction, and exports a model whose scheduler says so and
+    which diffusers samples alike (DDIM, trailing spacing, from pure noise)."""
+    from jaxdiff.pretrained import load_pretrained
+    from jaxdiff.train import tasks
+    train_cli.main(["--config", "configs/ldm_shapes_zsnr.py:smoke", "--workdir", str(tmp_path / "ldm"),
+                    "--config.loop.steps=2", f"--config.model.model_dir={recipe / 'sd'}"])
+    top.main(["export", "--workdir", str(tmp_path / "ldm"), "--out", str(tmp_path / "sd")])
+    sched = json.loads((tmp_path / "sd" / "scheduler" / "scheduler_config.json").read_text())
+    assert (sched["prediction_type"], sched["rescale_betas_zero_snr"], sched["timestep_spacing"]) == \
+        ("v_prediction", True, "trailing")
+    base, tuned = load_pretrained(recipe / "sd"), load_pretrained(tmp_path / "sd")
+    for a, b in zip(jax.tree.leaves(base.params["vae"]), jax.tree.leaves(tuned.params["vae"]), strict=True):
+        np.testing.assert_array_equal(a, b)                                    # the VAE came from model_dir
+    assert tuned.vae_config.scaling_factor == base.vae_config.scaling_factor
+    _assert_samples_like_diffusers(tmp_path / "sd")
+    with pytest.raises(ValueError, match="needs prediction_type v_prediction"):
+        tasks.ldm_task(tasks.LDMConfig(rescale_betas_zero_snr=True), None, None, None, {}, np.zeros(4))
+
+
+def _assert_samples_like_diffusers(folder):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from jaxdiff.pipeline import Pipeline
     from jaxdiff.pretrained import load_pretrained
-    sd = load_pretrained(recipe / "sd")
-    assert sd.tokenizer.max_length == 16 and len(sd.tokenizer._tok) == 644     # the CLIP run's shapes tokenizer
-    theirs = StableDiffusionPipeline.from_pretrained(str(recipe / "sd"), safety_checker=None)
+    sd = load_pretrained(folder)
+    theirs = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
     theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
     theirs.set_progress_bar_config(disable=True)
     lat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))

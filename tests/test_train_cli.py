@@ -18,9 +18,9 @@ def test_ldm_smoke_run_then_resume(tmp_path, capsys):
     config = json.loads((work / "config.json").read_text())
     assert config["loop"]["steps"] == 6 and config["task"] == "ldm"
     assert json.loads((work / "versions.json").read_text())["packages"]["jax"]
-    # more steps: resumes from 6 (steps may change between a run and its resumption)
+    # more steps on a longer schedule: resumes from 6 (steps and the schedule's length may change)
     cli.main(["--config", "configs/ldm_shapes.py:smoke", "--workdir", str(work), "--config.loop.steps=8",
-              "--config.loop.checkpoint_every=3", "--config.loop.log_every=3"])
+              "--config.optim.total_steps=40", "--config.loop.checkpoint_every=3", "--config.loop.log_every=3"])
     out = capsys.readouterr().out
     assert "resumed from step 6" in out and "done: step 8" in out
     # another run's settings in the same workdir: refused, nothing touched
@@ -71,3 +71,17 @@ def test_vae_with_discriminator_then_ldm_on_it(tmp_path, capsys):
     task, _ = C.build(c)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  task.frozen["vae"], params["vae"])
+
+
+def test_workdir_check_ignores_resumable_keys_a_run_saved(tmp_path):
+    """A run saved with a key that later became resumable (optim.total_steps) still resumes."""
+    from jaxdiff.train.loop import TrainingError, check_workdir
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    (tmp_path / "run.json").write_text(json.dumps({"optim.total_steps": 5500, "optim.learning_rate": 5e-4}))
+    fingerprint = {"optim.learning_rate": 5e-4}
+    with pytest.raises(TrainingError, match=r"differs in \['optim.total_steps'\]"):
+        check_workdir(tmp_path, fingerprint)
+    assert check_workdir(tmp_path, fingerprint, resumable=cli.RESUMABLE_KEYS)
+    assert json.loads((tmp_path / "run.json").read_text()) == fingerprint
+    with pytest.raises(TrainingError, match=r"optim.learning_rate"):
+        check_workdir(tmp_path, {"optim.learning_rate": 1e-3}, resumable=cli.RESUMABLE_KEYS)

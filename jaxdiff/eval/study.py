@@ -21,13 +21,14 @@ GUIDANCE = (0.0, 1.0, 3.0, 5.0, 7.5)
 STRENGTHS = (0.3, 0.6, 0.9)
 
 
-def generate(pipe, prompts, guidance, steps, sampler, seed=0, batch=125, image=None, strength=None):
+def generate(pipe, prompts, guidance, steps, sampler, seed=0, batch=125, image=None, strength=None,
+             guidance_rescale=0.0):
     """uint8 images for ``prompts`` (image i: seed + i), in fixed-size batches (one compile)."""
     out = []
     for i in range(0, len(prompts), batch):
         chunk = list(prompts[i:i + batch])
         pad = batch - len(chunk)
-        kw = dict(steps=steps, guidance=guidance, sampler=sampler, seed=seed + i)
+        kw = dict(steps=steps, guidance=guidance, sampler=sampler, seed=seed + i, guidance_rescale=guidance_rescale)
         if image is None:
             imgs = pipe.txt2img(chunk + chunk[-1:] * pad, **kw)
         else:
@@ -52,7 +53,7 @@ def recolour(scene, rng):
     return text
 
 
-def guidance_study(pipe, n_val, n_heldout, steps, sampler, weights=GUIDANCE, log=print):
+def guidance_study(pipe, n_val, n_heldout, steps, sampler, weights=GUIDANCE, log=print, guidance_rescale=0.0):
     from jaxdiff.data import shapes_world as sw
     from jaxdiff.eval import fidelity, frechet
     rows = []
@@ -64,7 +65,7 @@ def guidance_study(pipe, n_val, n_heldout, steps, sampler, weights=GUIDANCE, log
         real = np.stack([sw.render(s, 64) for s in scenes])
         for w in weights:
             t = time.perf_counter()
-            images = generate(pipe, prompts, w, steps, sampler)
+            images = generate(pipe, prompts, w, steps, sampler, guidance_rescale=guidance_rescale)
             rep = fidelity.evaluate(images, prompts)
             row = {"split": split, "guidance": w, "n": n, "fidelity": rep["overall"]["accuracy"],
                    "by_kind": {k: v["accuracy"] for k, v in rep["by_kind"].items()},
@@ -76,7 +77,7 @@ def guidance_study(pipe, n_val, n_heldout, steps, sampler, weights=GUIDANCE, log
     return rows
 
 
-def sdedit_study(pipe, n, steps, sampler, guidance, strengths=STRENGTHS, log=print):
+def sdedit_study(pipe, n, steps, sampler, guidance, strengths=STRENGTHS, log=print, guidance_rescale=0.0):
     """Recolour the object of n one-object validation scenes (real renders) at each strength."""
     from jaxdiff.data import shapes_world as sw
     from jaxdiff.eval import fidelity
@@ -93,7 +94,8 @@ def sdedit_study(pipe, n, steps, sampler, guidance, strengths=STRENGTHS, log=pri
     rows = [{"strength": 0.0, "n": n, "edit_fidelity": original,
              "kept_original": fidelity.evaluate(real, [s.caption for s in scenes])["overall"]["accuracy"]}]
     for st in strengths:
-        images = generate(pipe, edits, guidance, steps, sampler, image=real, strength=st)
+        images = generate(pipe, edits, guidance, steps, sampler, image=real, strength=st,
+                          guidance_rescale=guidance_rescale)
         rows.append({"strength": st, "n": n, "edit_fidelity": fidelity.evaluate(images, edits)["overall"]["accuracy"],
                      "kept_original": fidelity.evaluate(images, [s.caption for s in scenes])["overall"]["accuracy"]})
         log(f"SDEdit strength {st}: edited prompt {100 * rows[-1]['edit_fidelity']:5.1f} %, "
@@ -104,7 +106,9 @@ def sdedit_study(pipe, n, steps, sampler, guidance, strengths=STRENGTHS, log=pri
 def markdown(result) -> str:
     from jaxdiff.data.shapes_world import KINDS
     g, e = result["guidance"], result["sdedit"]
-    lines = [f"Model `{result['model']}`, {result['sampler']} {result['steps']} steps, image i seeded with i.", "",
+    rescale = result.get("guidance_rescale", 0.0)
+    lines = [f"Model `{result['model']}`, {result['sampler']} {result['steps']} steps"
+             + (f", guidance rescale {rescale:g}" if rescale else "") + ", image i seeded with i.", "",
              "| split | w | fidelity | " + " | ".join(KINDS) + " | Frechet |", "|---|---|---|" + "---|" * len(KINDS) + "---|"]
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"                     # noqa: E731
     for r in g:
@@ -155,6 +159,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--sdedit-guidance", type=float, default=5.0)
+    ap.add_argument("--guidance-rescale", type=float, default=0.0,
+                    help="Lin et al.'s CFG rescale (0.7 for zero-terminal-SNR models; 0: plain CFG)")
     args = ap.parse_args(argv)
     from jaxdiff.pipeline import Pipeline
     out = Path(args.out)
@@ -162,13 +168,17 @@ def main(argv=None):
     pipe = Pipeline.from_pretrained(args.model)
     t = time.perf_counter()
     result = {"model": args.model, "steps": args.steps, "sampler": args.sampler,
-              "sdedit_guidance": args.sdedit_guidance,
-              "guidance": guidance_study(pipe, args.n, args.heldout, args.steps, args.sampler),
-              "sdedit": sdedit_study(pipe, args.sdedit, args.steps, args.sampler, args.sdedit_guidance)}
+              "sdedit_guidance": args.sdedit_guidance, "guidance_rescale": args.guidance_rescale,
+              "guidance": guidance_study(pipe, args.n, args.heldout, args.steps, args.sampler,
+                                         guidance_rescale=args.guidance_rescale),
+              "sdedit": sdedit_study(pipe, args.sdedit, args.steps, args.sampler, args.sdedit_guidance,
+                                     guidance_rescale=args.guidance_rescale)}
     result["seconds"] = time.perf_counter() - t
-    (out / "study.json").write_text(json.dumps(result, indent=1))
-    (out / "study.md").write_text(markdown(result))
-    (out / "study.svg").write_text(svg_plot(result["guidance"]))
+    for name, text in (("study.json", json.dumps(result, indent=1)), ("study.md", markdown(result)),
+                       ("study.svg", svg_plot(result["guidance"]))):
+        tmp = out / f".{name}.tmp"          # written whole, then moved over the old file
+        tmp.write_text(text)
+        tmp.replace(out / name)
     print(f"wrote {out / 'study.json'}, study.md, study.svg ({result['seconds']:.0f} s)")
     return 0
 

@@ -16,9 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-# keys that may change between a run and its resumption (the rest must match the checkpoints)
+# keys that may change between a run and its resumption (the rest must match the checkpoints);
+# optim.total_steps with loop.steps extends a run: the learning-rate schedule is a function of the step,
+# so the resumed run follows the longer schedule from the step it resumes at
 RESUMABLE_KEYS = ("loop.steps", "loop.log_every", "loop.checkpoint_every", "loop.keep_checkpoints",
-                  "loop.async_checkpoints", "loop.sample_every")
+                  "loop.async_checkpoints", "loop.sample_every", "optim.total_steps")
 
 
 def load_config(spec: str):
@@ -305,7 +307,7 @@ def main(argv=None):
                    extra={"mesh": dict(mesh.shape), "devices": jax.device_count(), "workdir": str(workdir)})
     with MetricWriter(logdir, is_main=jax.process_index() == 0, total_steps=loop_cfg.steps) as writer:
         state = loop.train(task, optim, loop_cfg, mesh, rules, workdir, iter(pipe.dataset),
-                           lambda b: pl.to_global(b, mesh, rules), fingerprint=fingerprint,
+                           lambda b: pl.to_global(b, mesh, rules), fingerprint=fingerprint, resumable=RESUMABLE_KEYS,
                            overwrite=args.overwrite, writer=writer,
                            examples_per_step=config.data.global_batch)
         writer.log(f"done: step {int(state.step)}, checkpoints in {workdir / 'checkpoints'}, "

@@ -62,19 +62,21 @@ class _Preemption:
         return False
 
 
-def check_workdir(workdir, fingerprint: dict, overwrite: bool = False) -> bool:
+def check_workdir(workdir, fingerprint: dict, overwrite: bool = False, resumable=()) -> bool:
     """True if workdir holds this run's checkpoints (resume); an error if it holds another run's.
-    ``workdir`` may be local or a bucket (``gs://...``: etils.epath, with gcsfs installed)."""
+    ``workdir`` may be local or a bucket (``gs://...``: etils.epath, with gcsfs installed).
+    ``resumable``: keys that may change on resumption, ignored where a run saved them."""
     workdir = epath.Path(workdir)
     ckpt, run = workdir / "checkpoints", workdir / "run.json"
     has_ckpt = ckpt.exists() and any(ckpt.iterdir())
     if has_ckpt and run.exists():
-        saved = json.loads(run.read_text())
+        saved = {k: v for k, v in json.loads(run.read_text()).items() if k not in resumable}
         if saved != fingerprint and not overwrite:
             diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
             raise TrainingError(f"{workdir} holds checkpoints of another run (differs in {diff}); use another "
                                 "--workdir, or --overwrite to start this one there")
-    if has_ckpt and overwrite and (not run.exists() or json.loads(run.read_text()) != fingerprint):
+    if has_ckpt and overwrite and (not run.exists() or {k: v for k, v in json.loads(run.read_text()).items()
+                                                        if k not in resumable} != fingerprint):
         if jax.process_index() == 0:
             ckpt.rmtree()
         has_ckpt = False
@@ -95,7 +97,7 @@ def _manager(workdir, cfg: LoopConfig) -> ocp.CheckpointManager:
 
 
 def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, workdir, batches: Iterator,
-          to_global, *, fingerprint: dict | None = None, overwrite: bool = False, writer: Any = None,
+          to_global, *, fingerprint: dict | None = None, resumable=(), overwrite: bool = False, writer: Any = None,
           on_step=None, examples_per_step: int | None = None) -> TrainState:
     """Train ``task`` for ``cfg.steps`` steps; resume from workdir's latest checkpoint if it has one.
 
@@ -104,7 +106,7 @@ def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, wo
     on_step(step, state, metrics): called after every step (tests use it to kill the process).
     """
     workdir = epath.Path(workdir)
-    resume = check_workdir(workdir, fingerprint or {}, overwrite)
+    resume = check_workdir(workdir, fingerprint or {}, overwrite, resumable)
     state, shardings, tx = init_state(task, optim, mesh, rules, cfg.seed)
     rep = NamedSharding(mesh, P())
     frozen = jax.device_put(task.frozen, rep) if task.frozen is not None else None

@@ -56,11 +56,13 @@ def write_ldm_record(workdir, unet_config, vae_config, text_config, ldm, tokeniz
 
 
 def scheduler_config(ldm) -> dict:
-    """The DDIM scheduler config a trained model samples with (the training schedule, SD 1's defaults)."""
+    """The DDIM scheduler config a trained model samples with (the training schedule, SD 1's defaults;
+    a zero-terminal-SNR schedule as Lin et al. 2024 sample it)."""
     return {"_class_name": "DDIMScheduler", "beta_start": ldm.beta_start, "beta_end": ldm.beta_end,
             "beta_schedule": ldm.beta_schedule, "num_train_timesteps": ldm.num_train_timesteps,
             "prediction_type": ldm.prediction_type, "clip_sample": False, "set_alpha_to_one": False,
-            "steps_offset": 1, "timestep_spacing": "leading"}
+            "steps_offset": 1, "timestep_spacing": ldm.timestep_spacing,         # (trailing ignores the offset)
+            "rescale_betas_zero_snr": ldm.rescale_betas_zero_snr}
 
 
 def export_ldm(workdir, out, overwrite: bool = False, prefer_ema: bool = True):
@@ -76,18 +78,28 @@ def export_ldm(workdir, out, overwrite: bool = False, prefer_ema: bool = True):
     tcfg = dconv.text_config_from_transformers(rec["text_encoder"])
     unet, step = load_run_params(workdir, prefer_ema=prefer_ema)
     src = rec["sources"]
-    if not src.get("vae_workdir") or not src.get("text_encoder"):
+    base = None
+    if src.get("model_dir"):                     # a fine-tuned model: its parts unless the run replaced them
+        from jaxdiff.pretrained import load_pretrained
+        base = load_pretrained(src["model_dir"])
+    if not (src.get("vae_workdir") or base) or not (src.get("text_encoder") or base):
         raise ValueError(f"{workdir}: export needs a run with a trained VAE (model.vae_workdir) and a CLIP text "
-                         "encoder (model.text_encoder); this one used random frozen parts")
-    from jaxdiff.eval.vae import load_vae
-    _, vae = load_vae(src["vae_workdir"])
-    from jaxdiff.eval.clip import load as load_clip_model
-    clip_model = load_clip_model(src["text_encoder"])
-    text_cfg, text = clip_lib.text_encoder(clip_model.config, clip_model.params)
+                         "encoder (model.text_encoder), or a model.model_dir; this one used random frozen parts")
+    if src.get("vae_workdir"):
+        from jaxdiff.eval.vae import load_vae
+        _, vae = load_vae(src["vae_workdir"])
+    else:
+        vae = base.params["vae"]
+    if src.get("text_encoder"):
+        from jaxdiff.eval.clip import load as load_clip_model
+        clip_model = load_clip_model(src["text_encoder"])
+        text_cfg, text = clip_lib.text_encoder(clip_model.config, clip_model.params)
+    else:
+        text_cfg, text = base.text_config, base.params["text_encoder"]
     if isinstance(unet, dict) and set(unet) == {"unet", "text_encoder"}:    # ldm.train_text_encoder: trained here
         unet, text = unet["unet"], unet["text_encoder"]
     if text_cfg != tcfg:
-        raise ValueError(f"{src['text_encoder']}: its text tower no longer matches the run's ({workdir / RECORD})")
+        raise ValueError(f"{src.get('text_encoder') or src['model_dir']}: its text tower no longer matches the run's ({workdir / RECORD})")
     model = StableDiffusion(ucfg, vcfg, tcfg, {"unet": unet, "vae": vae, "text_encoder": text}, None,
                             rec["scheduler"])
     save_pretrained(model, out, tokenizer_folder=workdir / "tokenizer", overwrite=overwrite)

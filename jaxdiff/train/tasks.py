@@ -24,6 +24,8 @@ class LDMConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    rescale_betas_zero_snr: bool = False    # Lin et al. 2024: the last step is pure noise (needs v_prediction)
+    timestep_spacing: str = "leading"       # the exported sampler's: trailing starts sampling at t = T - 1
     compute_dtype: str = "float32"          # bfloat16: bf16 compute, fp32 master params
     remat: bool = False                     # recompute UNet blocks in the backward pass (less memory)
     train_text_encoder: bool = False        # True: fine-tune the text encoder with the UNet (params {unet, text_encoder})
@@ -57,12 +59,18 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
     """
     if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {cfg.prediction_type!r}")
+    if cfg.rescale_betas_zero_snr and cfg.prediction_type == "epsilon":
+        raise ValueError("rescale_betas_zero_snr needs prediction_type v_prediction (or sample): at zero SNR the "
+                         "noise is the input itself and an epsilon model cannot say anything about the image")
+    if cfg.timestep_spacing not in ("leading", "trailing", "linspace"):
+        raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {cfg.timestep_spacing!r}")
     dt = _dtype(cfg.compute_dtype)
     unet = UNet(unet_config, remat=cfg.remat, dtype=dt)
     vae = AutoencoderKL(vae_config)
     text = TextTransformer(text_config)
     sched = S.resolve({"beta_schedule": cfg.beta_schedule, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
-                       "num_train_timesteps": cfg.num_train_timesteps}, "ddpm")
+                       "num_train_timesteps": cfg.num_train_timesteps,
+                       "rescale_betas_zero_snr": cfg.rescale_betas_zero_snr}, "ddpm")
     alphas_cumprod = jnp.asarray(S.alphas_cumprod(sched))
     uncond = jnp.asarray(uncond_ids, jnp.int32).reshape(1, -1)
     train_text = cfg.train_text_encoder
@@ -113,9 +121,8 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
     if sample_ids is not None:
         from jaxdiff import guidance as G
         from jaxdiff import samplers as SM
-        ddim = S.resolve({"beta_schedule": cfg.beta_schedule, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
-                          "num_train_timesteps": cfg.num_train_timesteps, "prediction_type": cfg.prediction_type,
-                          "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}, "ddim")
+        from jaxdiff.train.runs import scheduler_config
+        ddim = S.resolve(scheduler_config(cfg), "ddim")
         plan = SM.make_plan(ddim, sample_steps)
         prompts = jnp.asarray(sample_ids, jnp.int32)
         lat = (prompts.shape[0], sample_resolution // vae_config.downscale, sample_resolution // vae_config.downscale,
