@@ -27,7 +27,7 @@ def get_config(arg=None):
     c.ldm = common.ldm(train_text_encoder=True, prediction_type="v_prediction", min_snr_gamma=0.0,
                        rescale_betas_zero_snr=True, timestep_spacing="trailing")
     c.data.seed = 1                                   # another shuffle of the training split than stage 1's
-    c.optim.total_steps = c.loop.steps = 6000
+    c.optim.total_steps = c.loop.steps = 14000
     if arg == "smoke":                                # stage 1's smoke model: random tiny parts
         c.model.model_dir = ""
         c.model.scaling_factor = 0.18215

@@ -1,6 +1,6 @@
 """`make demo`: the shapes-world Stable Diffusion trained by jaxdiff draws a labelled grid of prompts.
 
-    python -m jaxdiff.demo [--out out/demo] [--guidance 5] [--steps 25]     # the grid (default)
+    python -m jaxdiff.demo [--out out/demo] [--guidance 3] [--steps 25]     # the grid (default)
     python -m jaxdiff.demo --parity                                         # loading + parity vs diffusers
 
 The grid: a few prompts (two of them name colour-shape pairs that training never showed), four
@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--parity", action="store_true", help="the random-weight parity demo against diffusers")
     ap.add_argument("--model", default=None, help="grid: a diffusers folder (default: models/shapes_sd)")
     ap.add_argument("--prompt", action="append", help="grid: prompts (repeatable); parity: the one prompt")
-    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--seeds", type=int, default=4, help="grid: images per prompt (seeds 0 .. n-1)")
     ap.add_argument("--seed", type=int, default=0)

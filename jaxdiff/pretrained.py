@@ -73,6 +73,18 @@ def load_pretrained(folder, *, dtype=jnp.float32, variant: str | None = None) ->
                            scheduler, str(folder))
 
 
+def copy_tokenizer(src, dst):
+    """The tokenizer files of ``src`` (a tokenizer folder, or a CLIPModel folder holding one) into ``dst``."""
+    from jaxdiff.convert.clip import TOKENIZER_FILES
+    src, dst = Path(src), Path(dst)
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if not names:
+        raise ModelFolderError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copy2(src / n, dst / n)
+
+
 def save_pretrained(model: StableDiffusion, folder, *, tokenizer_folder=None, overwrite: bool = False):
     """Write a diffusers folder. Built in a temporary sibling and moved into place at the end, so a
     failure never leaves a half-written model; an existing folder is replaced only with overwrite."""
@@ -89,7 +101,7 @@ def save_pretrained(model: StableDiffusion, folder, *, tokenizer_folder=None, ov
             Path(model.source) / "tokenizer" if model.source else None)
         if tok_src is None or not tok_src.is_dir():
             raise ModelFolderError("save_pretrained needs a tokenizer folder to copy (tokenizer_folder=...)")
-        shutil.copytree(tok_src, tmp / "tokenizer")
+        copy_tokenizer(tok_src, tmp / "tokenizer")
         (tmp / "scheduler").mkdir()
         sched = dict(model.scheduler_config) or default_scheduler_config()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))

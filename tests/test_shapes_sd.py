@@ -83,6 +83,21 @@ def test_exported_model_samples_like_diffusers(recipe):
     _assert_samples_like_diffusers(recipe / "sd")
 
 
+def test_exported_tokenizer_is_only_the_tokenizer(tmp_path):
+    """An LDM whose text encoder came from an exported CLIPModel folder gets that folder's tokenizer files,
+    not its weights and configs."""
+    from jaxdiff.convert.diffusers import ModelFolderError
+    from jaxdiff.pretrained import copy_tokenizer
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "config.json", "model.safetensors", "README.md"):
+        (clip / name).write_text(name)
+    copy_tokenizer(clip, tmp_path / "tok")
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+    with pytest.raises(ModelFolderError, match="no tokenizer files"):
+        copy_tokenizer(tmp_path / "tok" / "nowhere", tmp_path / "tok2")
+
+
 def test_zero_snr_stage_from_an_exported_model(recipe, tmp_path):
     """Stage 2 of the UNet recipe: starts from an exported model (its UNet, text tower and VAE), trains on
     the zero-terminal-SNR schedule with v-prediction, and exports a model whose scheduler says so and

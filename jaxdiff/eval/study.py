@@ -114,6 +114,13 @@ def markdown(result) -> str:
     for r in g:
         lines.append(f"| {r['split']} ({r['n']}) | {r['guidance']:g} | **{pct(r['fidelity'])}** | "
                      + " | ".join(pct(r["by_kind"][k]) for k in KINDS) + f" | {r['frechet']:.2f} |")
+    attrs = [a for a in ("object", "size", "position", "relation", "count", "background")
+             if any(r["by_attribute"].get(a) is not None for r in g)]
+    lines += ["", "Per attribute (of the prompts that name it):", "",
+              "| split | w | " + " | ".join(attrs) + " |", "|---|---|" + "---|" * len(attrs)]
+    for r in g:
+        lines.append(f"| {r['split']} | {r['guidance']:g} | "
+                     + " | ".join(pct(r["by_attribute"].get(a)) for a in attrs) + " |")
     lines += ["", f"SDEdit: {e[0]['n']} one-object validation renders, prompt with the object recoloured, "
               f"guidance {result['sdedit_guidance']:g}:", "",
               "| strength | edited prompt correct | original prompt still correct |", "|---|---|---|"]

@@ -8,7 +8,6 @@ model its checkpoints belong to.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -49,7 +48,8 @@ def write_ldm_record(workdir, unet_config, vae_config, text_config, ldm, tokeniz
               "text_encoder": dconv.text_config_to_transformers(text_config),
               "scheduler": scheduler_config(ldm), "sources": {k: str(v) for k, v in sources.items()}}
     if tokenizer_folder is not None:
-        shutil.copytree(tokenizer_folder, workdir / "tokenizer", dirs_exist_ok=True)
+        from jaxdiff.pretrained import copy_tokenizer
+        copy_tokenizer(tokenizer_folder, workdir / "tokenizer")
     tmp = workdir / (RECORD + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(workdir / RECORD)
