@@ -69,14 +69,13 @@ def check_workdir(workdir, fingerprint: dict, overwrite: bool = False, resumable
     workdir = epath.Path(workdir)
     ckpt, run = workdir / "checkpoints", workdir / "run.json"
     has_ckpt = ckpt.exists() and any(ckpt.iterdir())
-    if has_ckpt and run.exists():
-        saved = {k: v for k, v in json.loads(run.read_text()).items() if k not in resumable}
-        if saved != fingerprint and not overwrite:
-            diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-            raise TrainingError(f"{workdir} holds checkpoints of another run (differs in {diff}); use another "
-                                "--workdir, or --overwrite to start this one there")
-    if has_ckpt and overwrite and (not run.exists() or {k: v for k, v in json.loads(run.read_text()).items()
-                                                        if k not in resumable} != fingerprint):
+    saved = ({k: v for k, v in json.loads(run.read_text()).items() if k not in resumable}
+             if has_ckpt and run.exists() else None)
+    if saved is not None and saved != fingerprint and not overwrite:
+        diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+        raise TrainingError(f"{workdir} holds checkpoints of another run (differs in {diff}); use another "
+                            "--workdir, or --overwrite to start this one there")
+    if has_ckpt and overwrite and saved != fingerprint:
         if jax.process_index() == 0:
             ckpt.rmtree()
         has_ckpt = False

@@ -99,7 +99,8 @@ def export_ldm(workdir, out, overwrite: bool = False, prefer_ema: bool = True):
     if isinstance(unet, dict) and set(unet) == {"unet", "text_encoder"}:    # ldm.train_text_encoder: trained here
         unet, text = unet["unet"], unet["text_encoder"]
     if text_cfg != tcfg:
-        raise ValueError(f"{src.get('text_encoder') or src['model_dir']}: its text tower no longer matches the run's ({workdir / RECORD})")
+        raise ValueError(f"{src.get('text_encoder') or src['model_dir']}: its text tower no longer matches the "
+                         f"run's ({workdir / RECORD})")
     model = StableDiffusion(ucfg, vcfg, tcfg, {"unet": unet, "vae": vae, "text_encoder": text}, None,
                             rec["scheduler"])
     save_pretrained(model, out, tokenizer_folder=workdir / "tokenizer", overwrite=overwrite)
