@@ -72,6 +72,13 @@ PRESETS = {
                          up_block_types=(CROSS_UP, CROSS_UP, UP), layers_per_block=1, num_attention_heads=(4, 4, 8),
                          transformer_layers_per_block=(1, 1, 1), cross_attention_dim=128, norm_num_groups=8,
                          sample_size=16),
+    # `shapes` with a fourth level at 2 x 2 (configs/ldm_shapes_deep.py grows it from a `shapes` UNet): at
+    # 2 x 2 every position is a corner, so the zero padding tells each one where it is
+    "shapes_deep": UNetConfig(block_out_channels=(48, 96, 192, 192),
+                              down_block_types=(DOWN, CROSS_DOWN, CROSS_DOWN, CROSS_DOWN),
+                              up_block_types=(CROSS_UP, CROSS_UP, CROSS_UP, UP), layers_per_block=1,
+                              num_attention_heads=(4, 4, 8, 8), transformer_layers_per_block=(1, 1, 1, 1),
+                              cross_attention_dim=128, norm_num_groups=8, sample_size=16),
     "sd15": UNetConfig(),
     "sd21": UNetConfig(num_attention_heads=(5, 10, 20, 20), cross_attention_dim=1024,
                        use_linear_projection=True, upcast_attention=True, sample_size=96),
@@ -257,3 +264,40 @@ class UNet(nn.Module):
 
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
         return conv(cfg.out_channels, name="conv_out", **kw)(x)
+
+
+def grow_params(old: dict, old_config: UNetConfig, fresh: dict, new_config: UNetConfig) -> tuple[dict, int, int]:
+    """A deeper UNet's params started from a shallower one's (progressive growing): ``new_config`` adds
+    levels below ``old_config``'s (its first blocks' channels equal the old ones). Down block i and the
+    mid block keep their names; up block i of the old UNet is up block i + (added levels) of the new one,
+    since up blocks count from the bottom. Every leaf found there with the same shape is copied, the
+    rest (the new levels, the downsampler the old last level lacked) keep ``fresh``'s init.
+    Returns (params, leaves copied, leaves new)."""
+    added = len(new_config.block_out_channels) - len(old_config.block_out_channels)
+    if added < 0 or new_config.block_out_channels[:len(old_config.block_out_channels)] != \
+            old_config.block_out_channels:
+        raise ValueError(f"grow_params: {new_config.block_out_channels} does not extend "
+                         f"{old_config.block_out_channels} by levels below it")
+    copied = new = 0
+
+    def old_name(name):
+        if name.startswith("up_blocks_"):
+            i = int(name.rsplit("_", 1)[1]) - added
+            return f"up_blocks_{i}" if i >= 0 else None
+        return name
+
+    def walk(f, o):
+        nonlocal copied, new
+        if not isinstance(f, dict):
+            if o is not None and getattr(o, "shape", None) == f.shape:
+                copied += 1
+                return jnp.asarray(o, f.dtype)
+            new += 1
+            return f
+        out = {}
+        for k, v in f.items():
+            src = o.get(old_name(k) if o is old else k) if isinstance(o, dict) else None
+            out[k] = walk(v, src)
+        return out
+
+    return walk(fresh, old), copied, new

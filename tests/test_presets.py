@@ -28,7 +28,8 @@ def _torch_shapes(kind, config):
 
 
 @pytest.mark.parametrize("kind,module,preset", [
-    ("unet", unet, "sd15"), ("unet", unet, "sd21"), ("unet", unet, "sdxl"), ("unet", unet, "shapes"), ("vae", vae, "shapes"),
+    ("unet", unet, "sd15"), ("unet", unet, "sd21"), ("unet", unet, "sdxl"), ("unet", unet, "shapes"), ("unet", unet, "shapes_deep"),
+    ("vae", vae, "shapes"),
     ("vae", vae, "sd15"), ("text_encoder", text, "sd15"), ("text_encoder", text, "sd21"),
     ("text_encoder", text, "sdxl"),
 ])
@@ -47,6 +48,32 @@ def test_known_parameter_counts():
     assert count("unet", unet.PRESETS["sd15"]) == 859_520_964
     assert count("unet", unet.PRESETS["sdxl"]) == 2_567_463_684
     assert count("text_encoder", text.PRESETS["sd15"]) == 123_060_480
+
+
+def test_grow_unet_by_a_level():
+    """grow_params: the shallow UNet's tensors land where the deeper UNet uses them alike (down blocks
+    and mid by name, up blocks shifted by the added level); the new level keeps its init; the grown UNet runs."""
+    import jax
+    import jax.numpy as jnp
+    small, deep = unet.PRESETS["shapes"], unet.PRESETS["shapes_deep"]
+    init = lambda cfg, seed: nn.unbox(unet.UNet(cfg).init(  # noqa: E731
+        jax.random.key(seed), *dconv.COMPONENTS["unet"].dummy_inputs(cfg))["params"])
+    old, fresh = init(small, 0), init(deep, 1)
+    grown, copied, new = unet.grow_params(old, small, fresh, deep)
+    flat_old, flat_new, flat_fresh = (traverse_util.flatten_dict(t) for t in (old, grown, fresh))
+    assert copied + new == len(flat_new) and copied == len(flat_old)        # every old tensor is used once
+    np.testing.assert_array_equal(flat_new[("up_blocks_1", "resnets_0", "conv1", "kernel")],
+                                  flat_old[("up_blocks_0", "resnets_0", "conv1", "kernel")])
+    np.testing.assert_array_equal(flat_new[("down_blocks_1", "attentions_0", "proj_in", "kernel")],
+                                  flat_old[("down_blocks_1", "attentions_0", "proj_in", "kernel")])
+    for k in (("up_blocks_0", "resnets_0", "conv1", "kernel"), ("down_blocks_3", "resnets_0", "conv1", "kernel"),
+              ("down_blocks_2", "downsamplers_0", "conv", "kernel")):
+        np.testing.assert_array_equal(flat_new[k], flat_fresh[k])
+    x = jax.random.normal(jax.random.key(2), (1, 16, 16, 4))
+    out = unet.UNet(deep).apply({"params": grown}, x, jnp.array([10]), jnp.zeros((1, 5, 128)))
+    assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+    with pytest.raises(ValueError, match="does not extend"):
+        unet.grow_params(fresh, deep, old, small)
 
 
 def _zeros(shape):

@@ -119,6 +119,37 @@ def test_zero_snr_stage_from_an_exported_model(recipe, tmp_path):
         tasks.ldm_task(tasks.LDMConfig(rescale_betas_zero_snr=True), None, None, None, {}, np.zeros(4))
 
 
+def test_random_text_tower_stage(recipe, tmp_path):
+    """Stage 3 of the UNet recipe: an exported model's UNet and VAE with a new random text tower trained
+    with the UNet; the export carries the trained tower (not the base model's), and a frozen random
+    tower is refused before anything is built."""
+    from jaxdiff.pretrained import load_pretrained
+    from jaxdiff.train.loop import load_run_params
+    argv = ["--config", "configs/ldm_shapes_text.py:smoke", "--workdir", str(tmp_path / "ldm"), "--config.loop.steps=2",
+            f"--config.model.model_dir={recipe / 'sd'}"]
+    train_cli.main(argv)
+    assert json.loads((tmp_path / "ldm" / "ldm.json").read_text())["sources"]["text_encoder"] == "random"
+    top.main(["export", "--workdir", str(tmp_path / "ldm"), "--out", str(tmp_path / "sd")])
+    base, tuned = load_pretrained(recipe / "sd"), load_pretrained(tmp_path / "sd")
+    trained, _ = load_run_params(tmp_path / "ldm")
+    for a, b in zip(jax.tree.leaves(trained["text_encoder"]), jax.tree.leaves(tuned.params["text_encoder"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    emb = lambda sd: sd.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]  # noqa: E731
+    assert emb(base).shape == emb(tuned).shape and not np.allclose(emb(base), emb(tuned), atol=1e-2)
+    for a, b in zip(jax.tree.leaves(base.params["vae"]), jax.tree.leaves(tuned.params["vae"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    _assert_samples_like_diffusers(tmp_path / "sd")
+    with pytest.raises(SystemExit, match="needs ldm.train_text_encoder=True"):
+        train_cli.main(argv[:3] + [str(tmp_path / "frozen"), "--config.ldm.train_text_encoder=False"] + argv[4:])
+    assert not (tmp_path / "frozen" / "checkpoints").exists()
+
+
+def test_growing_a_unet_that_the_preset_does_not_extend_is_refused(recipe, tmp_path):
+    with pytest.raises(SystemExit, match="unet_preset='shapes_deep'.*does not extend"):
+        train_cli.main(["--config", "configs/ldm_shapes_deep.py:smoke", "--workdir", str(tmp_path / "deep"),
+                        f"--config.model.model_dir={recipe / 'sd'}", "--config.model.unet_preset=shapes_deep"])
+
+
 def _assert_samples_like_diffusers(folder):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 

@@ -106,6 +106,7 @@ def build(config, mesh=None, rules=None, workdir=None):
     from jaxdiff.convert.diffusers import COMPONENTS
     from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer
     from jaxdiff.train import tasks
+    from jaxdiff.train.runs import RANDOM_TEXT
     m = config.model
     sd = None
 
@@ -155,6 +156,16 @@ def build(config, mesh=None, rules=None, workdir=None):
         ucfg, vcfg, tcfg = sd.unet_config, sd.vae_config, sd.text_config
         frozen = {"vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
         init = sd.params["unet"]
+        if m.get("unet_preset"):                  # grow model_dir's UNet into a deeper preset
+            from jaxdiff.unet import grow_params
+            grown_cfg = preset("unet", m.unet_preset)
+            try:
+                init, copied, fresh = grow_params(init, ucfg, random_params("unet", grown_cfg, 4), grown_cfg)
+            except ValueError as e:
+                raise SystemExit(f"jaxdiff train: model.unet_preset={m.unet_preset!r}: {e}") from None
+            ucfg = grown_cfg
+            print(f"UNet: {m.model_dir}'s grown into the {m.unet_preset!r} preset ({copied} tensors copied, "
+                  f"{fresh} new)", flush=True)
     else:
         ucfg, vcfg = preset("unet", m.preset), preset("vae", m.preset)
         frozen = {"vae": random_params("vae", vcfg, 1)}
@@ -162,7 +173,16 @@ def build(config, mesh=None, rules=None, workdir=None):
             tcfg = preset("text_encoder", m.preset)
             frozen["text_encoder"] = random_params("text_encoder", tcfg, 2)
         init = None
-    if m.get("text_encoder"):                     # a CLIP's text tower, frozen, as SD uses OpenAI's CLIP
+    if m.get("text_encoder") == RANDOM_TEXT:       # a fresh tower trained with the UNet (GLIDE)
+        if not config.ldm.get("train_text_encoder"):
+            raise SystemExit("jaxdiff train: model.text_encoder='random' needs ldm.train_text_encoder=True "
+                             "(a frozen random text encoder says nothing about the prompt)")
+        if sd is None:
+            tcfg = preset("text_encoder", m.preset)
+        frozen["text_encoder"] = random_params("text_encoder", tcfg, 3)
+        print(f"text encoder: a new random tower ({tcfg.num_hidden_layers} layers, width {tcfg.hidden_size}), "
+              "trained with the UNet", flush=True)
+    elif m.get("text_encoder"):                   # a CLIP's text tower, frozen, as SD uses OpenAI's CLIP
         from jaxdiff import clip as clip_lib
         from jaxdiff.eval.clip import load as load_clip_model
         clip_model = load_clip_model(m.text_encoder)

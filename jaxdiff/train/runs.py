@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 RECORD = "ldm.json"
+RANDOM_TEXT = "random"      # model.text_encoder: a new tower, trained with the UNet
 
 
 def latent_scaling_factor(vae_config, vae_params, source: str, resolution: int, n: int = 1024, seed: int = 0) -> float:
@@ -90,7 +91,9 @@ def export_ldm(workdir, out, overwrite: bool = False, prefer_ema: bool = True):
         _, vae = load_vae(src["vae_workdir"])
     else:
         vae = base.params["vae"]
-    if src.get("text_encoder"):
+    if src.get("text_encoder") == RANDOM_TEXT:   # trained from scratch here: the checkpoint holds it
+        text_cfg, text = tcfg, None
+    elif src.get("text_encoder"):
         from jaxdiff.eval.clip import load as load_clip_model
         clip_model = load_clip_model(src["text_encoder"])
         text_cfg, text = clip_lib.text_encoder(clip_model.config, clip_model.params)
@@ -98,6 +101,9 @@ def export_ldm(workdir, out, overwrite: bool = False, prefer_ema: bool = True):
         text_cfg, text = base.text_config, base.params["text_encoder"]
     if isinstance(unet, dict) and set(unet) == {"unet", "text_encoder"}:    # ldm.train_text_encoder: trained here
         unet, text = unet["unet"], unet["text_encoder"]
+    if text is None:
+        raise ValueError(f"{workdir}: its checkpoints hold no text encoder (model.text_encoder='random' without "
+                         "ldm.train_text_encoder)")
     if text_cfg != tcfg:
         raise ValueError(f"{src.get('text_encoder') or src['model_dir']}: its text tower no longer matches the "
                          f"run's ({workdir / RECORD})")
