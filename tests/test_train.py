@@ -265,3 +265,17 @@ def test_remat_gives_the_same_gradients():
     (l0, g0), (l1, g1) = grads(False), grads(True)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g0, g1)
+
+
+def test_timestep_bias_draws_the_noisiest_steps_more_often():
+    from jaxdiff.train.tasks import LDMConfig, ldm_task, sample_timesteps
+    key, n = jax.random.key(0), 20000
+    plain = sample_timesteps(key, n, LDMConfig())
+    np.testing.assert_array_equal(plain, jax.random.randint(key, (n,), 0, 1000))   # off: the old stream
+    late = np.asarray(sample_timesteps(key, n, LDMConfig(timestep_bias_portion=0.5, timestep_bias_begin=850)))
+    assert late.min() >= 0 and late.max() <= 999
+    assert np.mean(late >= 850) == pytest.approx(0.5 + 0.5 * 0.15, abs=0.015)      # 57.5 % instead of 15 %
+    assert np.mean(late < 425) == pytest.approx(0.5 * 0.425, abs=0.015)            # the rest stays uniform
+    for bad in (dict(timestep_bias_portion=1.5), dict(timestep_bias_portion=0.5, timestep_bias_begin=1000)):
+        with pytest.raises(ValueError, match="timestep_bias"):
+            ldm_task(LDMConfig(**bad), None, None, None, {}, np.zeros(4))

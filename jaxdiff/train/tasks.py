@@ -29,6 +29,10 @@ class LDMConfig:
     compute_dtype: str = "float32"          # bfloat16: bf16 compute, fp32 master params
     remat: bool = False                     # recompute UNet blocks in the backward pass (less memory)
     train_text_encoder: bool = False        # True: fine-tune the text encoder with the UNet (params {unet, text_encoder})
+    # a portion of each batch draws t from [timestep_bias_begin, T) instead of [0, T) (diffusers' training
+    # scripts call this a "later" timestep bias): the noisiest steps, where the prompt alone decides the layout
+    timestep_bias_portion: float = 0.0
+    timestep_bias_begin: int = 0
 
 
 def _init_like(module, kind, config, key, init_params=None):
@@ -49,6 +53,17 @@ def _dtype(name):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+def sample_timesteps(key, n: int, cfg: LDMConfig):
+    """[n] training timesteps: uniform over [0, T), a ``timestep_bias_portion`` of them (in expectation)
+    uniform over [timestep_bias_begin, T) instead."""
+    t = jax.random.randint(key, (n,), 0, cfg.num_train_timesteps)
+    if cfg.timestep_bias_portion > 0:
+        k_late, k_pick = jax.random.split(jax.random.fold_in(key, 1))
+        late = jax.random.randint(k_late, (n,), cfg.timestep_bias_begin, cfg.num_train_timesteps)
+        t = jnp.where(jax.random.uniform(k_pick, (n,)) < cfg.timestep_bias_portion, late, t)
+    return t
+
+
 def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict, uncond_ids: np.ndarray,
              init_params=None, sample_ids: np.ndarray | None = None, sample_resolution: int = 32,
              sample_steps: int = 20, sample_guidance: float = 3.0) -> Task:
@@ -64,6 +79,9 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
                          "noise is the input itself and an epsilon model cannot say anything about the image")
     if cfg.timestep_spacing not in ("leading", "trailing", "linspace"):
         raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {cfg.timestep_spacing!r}")
+    if not 0 <= cfg.timestep_bias_portion <= 1 or not 0 <= cfg.timestep_bias_begin < cfg.num_train_timesteps:
+        raise ValueError(f"timestep_bias_portion must be in [0, 1] and timestep_bias_begin in [0, "
+                         f"{cfg.num_train_timesteps}), got {cfg.timestep_bias_portion} and {cfg.timestep_bias_begin}")
     dt = _dtype(cfg.compute_dtype)
     unet = UNet(unet_config, remat=cfg.remat, dtype=dt)
     vae = AutoencoderKL(vae_config)
@@ -100,7 +118,7 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
         ctx = text.apply({"params": text_params}, ids)["last_hidden_state"]
         ctx = ctx if train_text else jax.lax.stop_gradient(ctx)
         # 3. x_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps, t ~ U{0, ..., T - 1}
-        t = jax.random.randint(k_t, (b,), 0, cfg.num_train_timesteps)
+        t = sample_timesteps(k_t, b, cfg)
         eps = jax.random.normal(k_eps, z0.shape)
         ab = alphas_cumprod[t][:, None, None, None]
         x_t = jnp.sqrt(ab) * z0 + jnp.sqrt(1 - ab) * eps
