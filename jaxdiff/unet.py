@@ -278,26 +278,15 @@ def grow_params(old: dict, old_config: UNetConfig, fresh: dict, new_config: UNet
             old_config.block_out_channels:
         raise ValueError(f"grow_params: {new_config.block_out_channels} does not extend "
                          f"{old_config.block_out_channels} by levels below it")
-    copied = new = 0
-
-    def old_name(name):
-        if name.startswith("up_blocks_"):
-            i = int(name.rsplit("_", 1)[1]) - added
-            return f"up_blocks_{i}" if i >= 0 else None
-        return name
-
-    def walk(f, o):
-        nonlocal copied, new
-        if not isinstance(f, dict):
-            if o is not None and getattr(o, "shape", None) == f.shape:
-                copied += 1
-                return jnp.asarray(o, f.dtype)
-            new += 1
-            return f
-        out = {}
-        for k, v in f.items():
-            src = o.get(old_name(k) if o is old else k) if isinstance(o, dict) else None
-            out[k] = walk(v, src)
-        return out
-
-    return walk(fresh, old), copied, new
+    from flax import traverse_util
+    flat_old = traverse_util.flatten_dict(old)
+    out, copied = {}, 0
+    for path, leaf in traverse_util.flatten_dict(fresh).items():
+        top = path[0]
+        if top.startswith("up_blocks_"):
+            top = f"up_blocks_{int(top.rsplit('_', 1)[1]) - added}"
+        src = flat_old.get((top,) + path[1:])
+        if src is not None and src.shape == leaf.shape:
+            leaf, copied = jnp.asarray(src, leaf.dtype), copied + 1
+        out[path] = leaf
+    return traverse_util.unflatten_dict(out), copied, len(out) - copied
