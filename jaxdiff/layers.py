@@ -13,10 +13,12 @@ Dtype = Any
 _part = nn.with_logical_partitioning
 
 
-def dense(features: int, axes=(sh.EMBED, sh.MLP), *, use_bias=True, name=None,
+def dense(features: int, axes=(sh.EMBED, sh.MLP), *, use_bias=True, kernel_scale=1.0, name=None,
           dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Dense:
+    """``kernel_scale``: the std of LeCun-normal init times this."""
+    kernel_init = nn.initializers.variance_scaling(kernel_scale ** 2, "fan_in", "truncated_normal")
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=_part(nn.initializers.lecun_normal(), axes),
+                    kernel_init=_part(kernel_init, axes),
                     bias_init=_part(nn.initializers.zeros_init(), (axes[-1],)))
 
 

@@ -40,6 +40,10 @@ class UNetConfig:
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
     sample_size: int = 64
+    # jaxdiff's extension, not in diffusers: F > 0 adds a learned linear map of the pixel's (row, column) in
+    # Fourier features (F octaves, sin and cos) to conv_in's output, so that the UNet knows where it is
+    # even when its input is pure noise (CoordConv; a convolution sees position only through its padding)
+    position_embedding: int = 0
 
     @property
     def time_embed_dim(self) -> int:
@@ -211,6 +215,15 @@ class _Mid(nn.Module):
         return ResnetBlock2D(ch, cfg.norm_num_groups, cfg.norm_eps, name="resnets_1", **kw)(x, temb)
 
 
+def position_features(h: int, w: int, octaves: int) -> jnp.ndarray:
+    """[1, h, w, 4 * octaves]: sin and cos of 2^k * pi * (row, column), pixel centres in (-1, 1)."""
+    rows = (jnp.arange(h) + 0.5) / h * 2 - 1
+    cols = (jnp.arange(w) + 0.5) / w * 2 - 1
+    grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), -1)               # [h, w, 2]
+    angles = grid[..., None] * (jnp.pi * 2.0 ** jnp.arange(octaves))            # [h, w, 2, F]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1).reshape(1, h, w, 4 * octaves)
+
+
 def _transformer(cfg: UNetConfig, heads: int, layers: int, name: str, kw: dict, remat: bool = False):
     cls = nn.remat(Transformer2D) if remat else Transformer2D
     return cls(heads, layers, cfg.norm_num_groups, cfg.use_linear_projection,
@@ -245,6 +258,12 @@ class UNet(nn.Module):
         n = len(cfg.block_out_channels)
 
         x = conv(cfg.block_out_channels[0], name="conv_in", **kw)(sample.astype(self.dtype))
+        if cfg.position_embedding:
+            # not zero-initialised: the map is useful only together with the text (cross-attention), and
+            # a zero map would leave those weights no gradient to find it by
+            x = x + dense(cfg.block_out_channels[0], (None, sh.MLP), kernel_scale=0.5,
+                          name="position_embedding", **kw)(
+                position_features(x.shape[1], x.shape[2], cfg.position_embedding).astype(self.dtype))
         skips = [x]
         for i, (ch, kind) in enumerate(zip(cfg.block_out_channels, cfg.down_block_types)):
             x, outs = _Stage(cfg, ch, cfg.layers_per_block,

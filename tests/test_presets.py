@@ -76,5 +76,37 @@ def test_grow_unet_by_a_level():
         unet.grow_params(fresh, deep, old, small)
 
 
+def test_position_embedding_adds_a_map_of_row_and_column_to_conv_in():
+    """UNetConfig.position_embedding: a learned map of Fourier features of (row, column) added to conv_in's
+    output. Added to a trained UNet (as model.unet_position_embedding does) every old tensor is kept; the
+    map starts random, not zero (it only helps together with the text, which needs a gradient to find it);
+    with the map at zero it is the plain UNet; every latent pixel gets its own features; the config survives
+    the folder's json, where a plain UNet's config gains no key (diffusers loads it as before)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    plain = unet.PRESETS["tiny"]
+    placed = dataclasses.replace(plain, position_embedding=3)
+    init = lambda cfg, seed: nn.unbox(unet.UNet(cfg).init(  # noqa: E731
+        jax.random.key(seed), *dconv.COMPONENTS["unet"].dummy_inputs(cfg))["params"])
+    old = init(plain, 0)
+    grown, copied, new = unet.grow_params(old, plain, init(placed, 1), placed)
+    assert new == 2 and copied == len(traverse_util.flatten_dict(old))           # kernel and bias
+    x, t, ctx = jax.random.normal(jax.random.key(2), (2, 8, 8, 4)), jnp.array([10, 900]), jnp.ones((2, 5, 32))
+    want = unet.UNet(plain).apply({"params": old}, x, t, ctx)
+    assert float(jnp.abs(unet.UNet(placed).apply({"params": grown}, x, t, ctx) - want).mean()) > 1e-3
+    grown["position_embedding"]["kernel"] = jnp.zeros_like(grown["position_embedding"]["kernel"])
+    np.testing.assert_array_equal(unet.UNet(placed).apply({"params": grown}, x, t, ctx), want)
+    feats = np.asarray(unet.position_features(8, 8, 3)).reshape(64, 12)
+    assert len(np.unique(feats.round(5), axis=0)) == 64 and np.abs(feats).max() <= 1
+    d = dconv.unet_config_to_diffusers(placed)
+    assert d[dconv.POSITION_KEY] == 3 and dconv.unet_config_from_diffusers(d) == placed
+    assert dconv.POSITION_KEY not in dconv.unet_config_to_diffusers(plain)
+    from jaxdiff.convert import single_file
+    with pytest.raises(single_file.ConversionError, match="position embedding"):
+        single_file.single_file_state_dict(unet=(placed, grown), vae=None, text_encoder=None)
+
+
 def _zeros(shape):
     return np.broadcast_to(np.float32(0), shape)  # a zero-stride view: shape without memory

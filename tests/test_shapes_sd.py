@@ -144,6 +144,27 @@ def test_random_text_tower_stage(recipe, tmp_path):
     assert not (tmp_path / "frozen" / "checkpoints").exists()
 
 
+def test_position_embedding_stage(recipe, tmp_path):
+    """configs/ldm_shapes_pos.py: an exported model's UNet given a position embedding and trained on; the
+    export records it (a key diffusers does not know) and carries the trained map; jaxdiff samples it."""
+    from jaxdiff.convert.diffusers import POSITION_KEY
+    from jaxdiff.pipeline import Pipeline
+    from jaxdiff.pretrained import load_pretrained
+    from jaxdiff.train.loop import load_run_params
+    train_cli.main(["--config", "configs/ldm_shapes_pos.py:smoke", "--workdir", str(tmp_path / "ldm"),
+                    "--config.loop.steps=2", f"--config.model.model_dir={recipe / 'sd'}"])
+    top.main(["export", "--workdir", str(tmp_path / "ldm"), "--out", str(tmp_path / "sd")])
+    assert json.loads((tmp_path / "sd" / "unet" / "config.json").read_text())[POSITION_KEY] == 4
+    sd, (trained, _) = load_pretrained(tmp_path / "sd"), load_run_params(tmp_path / "ldm")
+    assert sd.unet_config.position_embedding == 4
+    np.testing.assert_array_equal(sd.params["unet"]["position_embedding"]["kernel"],
+                                  trained["unet"]["position_embedding"]["kernel"])
+    assert "position_embedding" not in load_pretrained(recipe / "sd").params["unet"]
+    img = Pipeline.from_model(sd).txt2img("a red circle on the left", steps=3, guidance=3.0, seed=0,
+                                          height=32, width=32)
+    assert np.asarray(img).shape == (1, 32, 32, 3) and np.isfinite(np.asarray(img)).all()
+
+
 def test_growing_a_unet_that_the_preset_does_not_extend_is_refused(recipe, tmp_path):
     with pytest.raises(SystemExit, match="unet_preset='shapes_deep'.*does not extend"):
         train_cli.main(["--config", "configs/ldm_shapes_deep.py:smoke", "--workdir", str(tmp_path / "deep"),

@@ -50,6 +50,11 @@ def _reject(cfg: dict, what: str, **allowed):
 
 # --- UNet -----------------------------------------------------------------------------------------
 
+# a UNet with jaxdiff's position embedding (UNetConfig.position_embedding) writes this key, which
+# diffusers' UNet2DConditionModel does not know: such a folder loads in jaxdiff only
+POSITION_KEY = "jaxdiff_position_embedding"
+
+
 def unet_config_from_diffusers(d: dict) -> unet_lib.UNetConfig:
     _reject(d, "unet", class_embed_type=(None,), encoder_hid_dim_type=(None,), time_cond_proj_dim=(None,),
             resnet_time_scale_shift=("default",), act_fn=("silu",), dual_cross_attention=(False,),
@@ -84,7 +89,7 @@ def unet_config_from_diffusers(d: dict) -> unet_lib.UNetConfig:
         addition_embed_type=d.get("addition_embed_type"),
         addition_time_embed_dim=d.get("addition_time_embed_dim"),
         projection_class_embeddings_input_dim=d.get("projection_class_embeddings_input_dim"),
-        sample_size=d.get("sample_size") or 64)
+        sample_size=d.get("sample_size") or 64, position_embedding=d.get(POSITION_KEY, 0))
 
 
 def unet_config_to_diffusers(c: unet_lib.UNetConfig) -> dict:
@@ -103,6 +108,7 @@ def unet_config_to_diffusers(c: unet_lib.UNetConfig) -> dict:
         "projection_class_embeddings_input_dim": c.projection_class_embeddings_input_dim,
         "sample_size": c.sample_size, "act_fn": "silu", "center_input_sample": False,
         "downsample_padding": 1, "mid_block_scale_factor": 1,
+        **({POSITION_KEY: c.position_embedding} if c.position_embedding else {}),
     }
 
 

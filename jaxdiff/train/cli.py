@@ -166,8 +166,18 @@ def build(config, mesh=None, rules=None, workdir=None):
             ucfg = grown_cfg
             print(f"UNet: {m.model_dir}'s grown into the {m.unet_preset!r} preset ({copied} tensors copied, "
                   f"{fresh} new)", flush=True)
+        octaves = m.get("unet_position_embedding", None)
+        if octaves is not None and octaves != ucfg.position_embedding:    # add (or resize) the position map
+            from jaxdiff.unet import grow_params
+            new_cfg = dataclasses.replace(ucfg, position_embedding=int(octaves))
+            init, copied, fresh = grow_params(init, ucfg, random_params("unet", new_cfg, 4), new_cfg)
+            ucfg = new_cfg
+            print(f"UNet: position embedding of {octaves} octaves ({fresh} new tensors)",
+                  flush=True)
     else:
         ucfg, vcfg = preset("unet", m.preset), preset("vae", m.preset)
+        if m.get("unet_position_embedding", None) is not None:
+            ucfg = dataclasses.replace(ucfg, position_embedding=int(m.unet_position_embedding))
         frozen = {"vae": random_params("vae", vcfg, 1)}
         if not m.get("text_encoder"):
             tcfg = preset("text_encoder", m.preset)
