@@ -38,8 +38,10 @@ shapes-sd: setup
 	$(JD) export --workdir runs/vae_shapes_ft --out models/shapes_vae --overwrite
 	$(JD) train --config configs/ldm_shapes.py --workdir runs/ldm_shapes
 	$(JD) export --workdir runs/ldm_shapes --out runs/ldm_shapes_export --overwrite
-	$(JD) train --config configs/ldm_shapes_zsnr.py --workdir runs/ldm_shapes_zsnr
-	$(JD) export --workdir runs/ldm_shapes_zsnr --out models/shapes_sd --overwrite
+	$(JD) train --config configs/ldm_shapes_zsnr.py --workdir runs/ldm_shapes_zsnr --config.loop.steps=5500
+	$(JD) export --workdir runs/ldm_shapes_zsnr --out runs/ldm_shapes_zsnr_export --overwrite
+	$(JD) train --config configs/ldm_shapes_pos.py --workdir runs/ldm_shapes_pos
+	$(JD) export --workdir runs/ldm_shapes_pos --out models/shapes_sd --overwrite
 	$(PY) -m jaxdiff.eval.study --model models/shapes_sd --out docs/shapes_sd
 
 bench: setup

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -52,8 +53,11 @@ def _export(args):
             step = export_ldm(work, out, overwrite=args.overwrite, prefer_ema=not args.raw_params)
         except ValueError as err:
             sys.exit(f"jaxdiff export: {err}")
-        print(f"wrote {out} (diffusers folder, UNet of step {step}; load with Pipeline.from_pretrained or "
-              "`jaxdiff txt2img --model`)")
+        from jaxdiff.convert.diffusers import POSITION_KEY
+        only = " jaxdiff's UNet position embedding: diffusers cannot load it;" if POSITION_KEY in \
+            json.loads((out / "unet" / "config.json").read_text()) else ""
+        print(f"wrote {out} (diffusers folder, UNet of step {step};{only} load with Pipeline.from_pretrained "
+              "or `jaxdiff txt2img --model`)")
         return
     if (work / "checkpoints").is_dir() and _run_config(work).get("task") == "vae":
         from jaxdiff.train.runs import export_vae
