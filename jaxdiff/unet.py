@@ -59,6 +59,8 @@ class UNetConfig:
         for c, h in zip(self.block_out_channels, self.num_attention_heads):
             if c % h:
                 raise ValueError(f"UNetConfig: {c} channels do not split into {h} attention heads")
+        if self.position_embedding < 0:
+            raise ValueError(f"UNetConfig.position_embedding must be >= 0 octaves, got {self.position_embedding}")
         bad = set(self.down_block_types) - {CROSS_DOWN, DOWN} | set(self.up_block_types) - {CROSS_UP, UP}
         if bad:
             raise ValueError(f"UNetConfig: unsupported block types {sorted(bad)}")

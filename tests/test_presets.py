@@ -103,6 +103,8 @@ def test_position_embedding_adds_a_map_of_row_and_column_to_conv_in():
     d = dconv.unet_config_to_diffusers(placed)
     assert d[dconv.POSITION_KEY] == 3 and dconv.unet_config_from_diffusers(d) == placed
     assert dconv.POSITION_KEY not in dconv.unet_config_to_diffusers(plain)
+    with pytest.raises(ValueError, match="position_embedding must be >= 0"):
+        dataclasses.replace(plain, position_embedding=-1)
     from jaxdiff.convert import single_file
     with pytest.raises(single_file.ConversionError, match="position embedding"):
         single_file.single_file_state_dict(unet=(placed, grown), vae=None, text_encoder=None)

@@ -163,6 +163,10 @@ def test_position_embedding_stage(recipe, tmp_path):
     img = Pipeline.from_model(sd).txt2img("a red circle on the left", steps=3, guidance=3.0, seed=0,
                                           height=32, width=32)
     assert np.asarray(img).shape == (1, 32, 32, 3) and np.isfinite(np.asarray(img)).all()
+    with pytest.raises(SystemExit, match="unet_position_embedding=-1.*>= 0"):
+        train_cli.main(["--config", "configs/ldm_shapes_pos.py:smoke", "--workdir", str(tmp_path / "bad"),
+                        f"--config.model.model_dir={recipe / 'sd'}", "--config.model.unet_position_embedding=-1"])
+    assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
 def test_growing_a_unet_that_the_preset_does_not_extend_is_refused(recipe, tmp_path):

@@ -169,7 +169,7 @@ def build(config, mesh=None, rules=None, workdir=None):
         octaves = m.get("unet_position_embedding", None)
         if octaves is not None and octaves != ucfg.position_embedding:    # add (or resize) the position map
             from jaxdiff.unet import grow_params
-            new_cfg = dataclasses.replace(ucfg, position_embedding=int(octaves))
+            new_cfg = _with_position(ucfg, octaves)
             init, copied, fresh = grow_params(init, ucfg, random_params("unet", new_cfg, 4), new_cfg)
             ucfg = new_cfg
             print(f"UNet: position embedding of {octaves} octaves ({fresh} new tensors)",
@@ -177,7 +177,7 @@ def build(config, mesh=None, rules=None, workdir=None):
     else:
         ucfg, vcfg = preset("unet", m.preset), preset("vae", m.preset)
         if m.get("unet_position_embedding", None) is not None:
-            ucfg = dataclasses.replace(ucfg, position_embedding=int(m.unet_position_embedding))
+            ucfg = _with_position(ucfg, m.unet_position_embedding)
         frozen = {"vae": random_params("vae", vcfg, 1)}
         if not m.get("text_encoder"):
             tcfg = preset("text_encoder", m.preset)
@@ -231,6 +231,13 @@ def build(config, mesh=None, rules=None, workdir=None):
     return tasks.ldm_task(ldm, ucfg, vcfg, tcfg, frozen, tok("")[0], init_params=init,
                           sample_ids=tok(prompts) if prompts else None,
                           sample_resolution=config.data.resolution), tok
+
+
+def _with_position(ucfg, octaves):
+    try:
+        return dataclasses.replace(ucfg, position_embedding=int(octaves))
+    except ValueError as e:
+        raise SystemExit(f"jaxdiff train: model.unet_position_embedding={octaves!r}: {e}") from None
 
 
 def clip_tokenizer(kind: str, folder, max_length: int):
