@@ -168,4 +168,7 @@ def test_stochastic_sampler_keys():
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a[0], a[1])
     c = run(x[:1], keys[1:])       # sample 1 alone equals sample 1 in the batch
-    np.testing.assert_array_equal(c[0], a[1])
+    # Same noise bits; XLA may vectorise a batch of 1 and of 2 differently (last-bit float differences
+    # were seen on CI's CPU), so equal to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(c[0], a[1], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(c[0], a[0], atol=1e-2)
