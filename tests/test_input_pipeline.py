@@ -236,6 +236,71 @@ def test_shapes_world_tfds_source(tmp_path):
     assert got == want
 
 
+def test_shapes_world_memory_source():
+    # Rendered in 2 spawned processes, record i is example i of the split (= record i of a TFDS build).
+    from jaxdiff.data import shapes_world as sw
+    src = pl.open_source("shapes_world_memory:7", resolution=32, split="validation")
+    assert len(src) == 7
+    for i in (0, 3, 6):
+        want = sw.example("validation", i, 0, 32)
+        np.testing.assert_array_equal(src[i]["image"], want["image"])
+        assert src[i]["caption"] == want["caption"]
+    assert len({c["caption"] for c in src}) > 1
+    with pytest.raises(ValueError, match="shapes_world_memory:N with N a number"):
+        pl.open_source("shapes_world_memory:lots")
+    with pytest.raises(ValueError, match="resolution one of"):
+        pl.shapes_world_memory(4, resolution=48)
+
+
+def array_source(n=40, res=8):
+    rng = np.random.default_rng(0)
+    return pl.ArraySource(rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8), [f"caption {i}" for i in range(n)])
+
+
+def test_array_source_batches_are_gathers_of_each_epoch(tok):
+    src = array_source(40)
+    pipe = pl.make_pipeline(src, config(global_batch=8, num_epochs=2), tok)
+    assert type(pipe.dataset).__name__ == "_ArrayDataset"
+    batches = list(pipe.dataset)
+    assert len(batches) == 10
+    caps = captions(batches)
+    assert sorted(caps[:40]) == sorted(caps[40:]) == sorted(src.captions)   # every record once per epoch
+    assert caps[:40] != caps[40:] and caps[:40] != src.captions              # shuffled, anew each epoch
+    for b in batches:
+        idx = [int(c.split()[1]) for c in b["caption"]]
+        np.testing.assert_array_equal(b["image"], src.images[idx].astype(np.float32) / 127.5 - 1)
+        np.testing.assert_array_equal(b["tokens"], tok(b["caption"]))
+    again = captions(pl.make_pipeline(src, config(global_batch=8, num_epochs=2), tok).dataset)
+    other = captions(pl.make_pipeline(src, config(global_batch=8, num_epochs=2, seed=1), tok).dataset)
+    assert again == caps and other != caps
+    # hosts read disjoint halves
+    halves = [set(captions(pl.make_pipeline(src, config(global_batch=8, num_epochs=1, shard_index=i, shard_count=2),
+                                            tok).dataset)) for i in (0, 1)]
+    assert not halves[0] & halves[1] and halves[0] | halves[1] == set(src.captions)
+
+
+def test_array_source_resumes_exactly(tok):
+    src, cfg = array_source(30), config(global_batch=4)
+    it = iter(pl.make_pipeline(src, cfg, tok).dataset)
+    take(it, 5)
+    blob = pl.state_to_bytes(it)
+    a = take(it, 4)                                  # crosses the epoch boundary (30 records, batches of 4)
+    it2 = iter(pl.make_pipeline(src, cfg, tok).dataset)
+    take(it2, 2)
+    pl.restore_state(it2, blob)
+    b = take(it2, 4)
+    assert captions(a) == captions(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+    grain_state = pl.state_to_bytes(iter(pl.make_pipeline(list(src), cfg).dataset))   # a list: grain's path
+    with pytest.raises(ValueError, match="different pipeline"):
+        pl.restore_state(it2, grain_state)
+    with pytest.raises(ValueError, match=r"uint8 \[N, S, S, 3\]"):
+        pl.ArraySource(np.zeros((2, 8, 8), np.uint8), ["a", "b"])
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        pl.ArraySource(np.zeros((2, 8, 8, 3), np.uint8), ["a"])
+
+
 def test_resume_with_worker_processes():
     # grain's mp_prefetch: decoding in 2 processes, whose positions the state records one by one.
     src, cfg = source(n=30), config(global_batch=6, workers=2)
