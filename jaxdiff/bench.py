@@ -205,7 +205,7 @@ def bench_unet(args) -> dict:
     result: dict = {"benchmark": "unet", "preset": args.preset, "batch": b, "size": size,
                     "shape": f"{b}x{size}x{size}x{cfg.in_channels}, ctx {b}x{seq}x{cfg.cross_attention_dim}",
                     "dtype": args.dtype, "repeats": args.repeats, "seed": args.seed, "attention": args.attention,
-                    "phases": phases}
+                    "torch_device": "-" if args.no_torch else args.torch_device, "phases": phases}
 
     rng = np.random.default_rng(args.seed)
     sample = rng.standard_normal((b, size, size, cfg.in_channels), dtype=np.float32)  # NHWC
@@ -246,6 +246,7 @@ def bench_unet(args) -> dict:
             params = _to_device_draining(converted)  # frees each numpy leaf as it goes
             del converted
             jax.block_until_ready(params)
+        tmodel = tmodel.to(args.torch_device)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     result["n_params"] = n_params
     result["params_bytes"] = sum(int(x.nbytes) for x in jax.tree.leaves(params))
@@ -292,20 +293,24 @@ def bench_unet(args) -> dict:
     if tmodel is not None:
         import torch
         tdt = getattr(torch, args.dtype)
-        tin = (torch.from_numpy(np.ascontiguousarray(sample.transpose(0, 3, 1, 2))).to(tdt),
-               torch.from_numpy(timesteps), torch.from_numpy(context).to(tdt))
-        tadd = ({k: torch.from_numpy(v).to(tdt) for k, v in added.items()} if added else None)
+        dev = torch.device(args.torch_device)
+        tin = (torch.from_numpy(np.ascontiguousarray(sample.transpose(0, 3, 1, 2))).to(dev, tdt),
+               torch.from_numpy(timesteps).to(dev), torch.from_numpy(context).to(dev, tdt))
+        tadd = ({k: torch.from_numpy(v).to(dev, tdt) for k, v in added.items()} if added else None)
 
         def call_torch():
             with torch.inference_mode():
-                return tmodel(*tin, added_cond_kwargs=tadd, return_dict=False)[0]
+                out = tmodel(*tin, added_cond_kwargs=tadd, return_dict=False)[0]
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)   # CUDA calls return before the kernels finish
+            return out
 
         log("torch: warm-up call")
         with Phase("torch_warmup", phases):
             t0 = time.perf_counter()
             tout = call_torch()
             tx["warmup_s"] = time.perf_counter() - t0
-        tout_np = tout.float().numpy().transpose(0, 2, 3, 1)
+        tout_np = tout.float().cpu().numpy().transpose(0, 2, 3, 1)
         del tout
         with Phase("torch_call", phases):
             call_torch()
@@ -495,7 +500,7 @@ def environment() -> dict:
            "jax": jax.__version__, "jaxlib": jaxlib.__version__,
            "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
            "platform": jax.devices()[0].platform, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+           "jax_default_matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision", None)),
            "xla_cpu_threads": _cores(),  # XLA:CPU's intra-op pool uses one thread per available core
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     try:
@@ -534,7 +539,14 @@ def table_row(r: dict) -> dict:
             "jaxdiff s/call": spread(jt), "torch s/call": spread(tt) if tt else "-",
             "ratio": (f"{r['ratio']:.2f} (pairs {r['ratio_pairs_median']:.2f})" if "ratio" in r else "-"),
             "compile s": f"{r['jaxdiff']['compile_s']:.1f}", "peak memory": peak_memory_cell(r),
-            "machine": r["env"]["machine"], "notes": r.get("note") or _auto_note(r)}
+            "machine": _machine_cell(r), "notes": r.get("note") or _auto_note(r)}
+
+
+def _machine_cell(r: dict) -> str:
+    env = r["env"]
+    if env.get("platform", "cpu") == "cpu" and r.get("torch_device", "cpu") in ("cpu", "-"):
+        return env["machine"]
+    return f"jax on {env.get('device_kind', env.get('device'))}, torch on {r.get('torch_device', 'cpu')}"
 
 
 def _auto_note(r: dict) -> str:
@@ -636,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--dtype", default="float32", choices=DTYPES)
     u.add_argument("--seed", type=int, default=0)
     u.add_argument("--no-torch", action="store_true", help="time jaxdiff alone (random jax init weights)")
+    u.add_argument("--torch-device", default="cpu", help="where the PyTorch model runs: cpu (default) or cuda "
+                   "(on a GPU machine, beside jaxdiff on JAX's default device)")
     u.add_argument("--out", default=None, help="JSON file (default bench_out/unet_<preset>.json)")
     u.add_argument("--markdown", default="BENCHMARKS.md", help="table to update ('' to skip)")
     u.add_argument("--xla-flags", default=None,
