@@ -167,6 +167,30 @@ def test_position_embedding_stage(recipe, tmp_path):
         train_cli.main(["--config", "configs/ldm_shapes_pos.py:smoke", "--workdir", str(tmp_path / "bad"),
                         f"--config.model.model_dir={recipe / 'sd'}", "--config.model.unet_position_embedding=-1"])
     assert not (tmp_path / "bad" / "checkpoints").exists()
+    # stage 4 (configs/ldm_shapes_long.py) trains that export on: its map kept as it is, nothing new added
+    train_cli.main(["--config", "configs/ldm_shapes_long.py:smoke", "--workdir", str(tmp_path / "long"),
+                    "--config.loop.steps=2", f"--config.model.model_dir={tmp_path / 'sd'}",
+                    "--config.optim.learning_rate=0"])
+    longer, _ = load_run_params(tmp_path / "long")
+    assert jax.tree_util.tree_structure(longer["unet"]) == jax.tree_util.tree_structure(sd.params["unet"])
+    np.testing.assert_allclose(longer["unet"]["position_embedding"]["kernel"],
+                               sd.params["unet"]["position_embedding"]["kernel"], rtol=1e-6)
+
+
+def test_the_recipe_chains_its_stages():
+    """Each UNet stage of `make shapes-sd` starts from the folder the stage before it exported."""
+    import shlex
+    from pathlib import Path
+    exported, stages = set(), 0
+    for line in Path("Makefile").read_text().split("shapes-sd:")[1].split("\n\n")[0].splitlines():
+        args = shlex.split(line.strip())[1:]
+        if args[:1] == ["export"]:
+            exported.add(args[args.index("--out") + 1])
+        elif args[:1] == ["train"] and "ldm_shapes" in args[2]:
+            model_dir = train_cli.load_config(args[2]).model.model_dir
+            assert not model_dir or model_dir in exported, (args[2], model_dir, exported)
+            stages += 1
+    assert stages == 5 and "models/shapes_sd" in exported
 
 
 def test_growing_a_unet_that_the_preset_does_not_extend_is_refused(recipe, tmp_path):
