@@ -223,7 +223,7 @@ def dummy_inputs(config: CLIPConfig):
 
 
 def init_params(config: CLIPConfig, key, boxed: bool = False):
-    params = CLIP(config).init(key, *dummy_inputs(config))["params"]
+    params = jax.jit(lambda k: CLIP(config).init(k, *dummy_inputs(config))["params"])(key)   # one compile, not one per op
     return params if boxed else nn.unbox(params)
 
 

@@ -143,8 +143,9 @@ def build(config, mesh=None, rules=None, workdir=None):
         return cfg
 
     def random_params(kind, cfg, seed):
-        module = COMPONENTS[kind].module(cfg)
-        return nn.unbox(module.init(jax.random.key(seed), *COMPONENTS[kind].dummy_inputs(cfg))["params"])
+        module = COMPONENTS[kind].module(cfg)        # one jitted init: eagerly, each op compiles on its own
+        init = jax.jit(lambda key, *x: nn.unbox(module.init(key, *x)["params"]))
+        return init(jax.random.key(seed), *COMPONENTS[kind].dummy_inputs(cfg))
 
     if config.task == "vae":
         vcfg = sd.vae_config if sd else preset("vae", m.preset)
