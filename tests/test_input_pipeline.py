@@ -246,11 +246,35 @@ def test_shapes_world_memory_source():
         np.testing.assert_array_equal(src[i]["image"], want["image"])
         assert src[i]["caption"] == want["caption"]
     assert len({c["caption"] for c in src}) > 1
-    with pytest.raises(ValueError, match="shapes_world_memory:N with N a number"):
+    with pytest.raises(ValueError, match=r"shapes_world_memory:N\[:KIND=FRACTION,...\] with N a number"):
         pl.open_source("shapes_world_memory:lots")
     with pytest.raises(ValueError, match="resolution one of"):
         pl.shapes_world_memory(4, resolution=48)
 
+
+def test_shapes_world_memory_kind_mix():
+    # relation=0.5: half the records are relation scenes, the first ones of the split in index order;
+    # the three other kinds share the rest (quotas add up to n by largest remainder).
+    from jaxdiff.data import shapes_world as sw
+    # ties in the remainders go to the kinds in the spec's order (single, relation, count, background)
+    assert pl.kind_quotas(10, {"relation": 0.5}) == {"single": 2, "relation": 5, "count": 2, "background": 1}
+    assert pl.kind_quotas(12, {"relation": 0.5, "count": 0.25}) == {"single": 2, "relation": 6, "count": 3,
+                                                                   "background": 1}
+    src = pl.open_source("shapes_world_memory:8:relation=0.5,count=0.5", resolution=32, split="validation")
+    kinds = [sw.parse_caption(c["caption"]).kind for c in src]
+    assert sorted(kinds) == ["count"] * 4 + ["relation"] * 4
+    first_rel = [i for i in range(100) if sw.sample_scene("validation", i).kind == "relation"][:4]
+    rel = [c for c in src if sw.parse_caption(c["caption"]).kind == "relation"]
+    for i, rec in zip(first_rel, rel):
+        want = sw.example("validation", i, 0, 32)
+        assert rec["caption"] == want["caption"]
+        np.testing.assert_array_equal(rec["image"], want["image"])
+    with pytest.raises(ValueError, match="unknown scene kind"):
+        pl.open_source("shapes_world_memory:8:relations=0.5")
+    with pytest.raises(ValueError, match="add up to at most 1"):
+        pl.open_source("shapes_world_memory:8:relation=0.7,count=0.6")
+    with pytest.raises(ValueError, match="KIND=FRACTION"):
+        pl.open_source("shapes_world_memory:8:relation")
 
 def array_source(n=40, res=8):
     rng = np.random.default_rng(0)

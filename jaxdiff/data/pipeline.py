@@ -431,17 +431,71 @@ def synthetic_source(n: int = 1024, resolution: int = 64, seed: int = 0) -> list
 
 def _shapes_chunk(args) -> tuple[np.ndarray, list[str]]:
     from jaxdiff.data import shapes_world as sw
-    split, lo, hi, seed, resolution = args
-    examples = [sw.example(split, i, seed, resolution) for i in range(lo, hi)]
+    split, indices, seed, resolution = args
+    examples = [sw.example(split, int(i), seed, resolution) for i in indices]
     return np.stack([e["image"] for e in examples]), [e["caption"] for e in examples]
 
 
+def kind_quotas(n: int, mix: dict[str, float]) -> dict[str, int]:
+    """How many of n examples each scene kind gets: the named kinds their fractions of n, the others
+    an equal share of what is left (rounded so that the quotas add up to n)."""
+    from jaxdiff.data import shapes_world as sw
+    bad = sorted(set(mix) - set(sw.KINDS))
+    if bad:
+        raise ValueError(f"unknown scene kind(s) {bad}: expected some of {list(sw.KINDS)}")
+    if any(not 0 <= f <= 1 for f in mix.values()) or sum(mix.values()) > 1 + 1e-9:
+        raise ValueError(f"kind fractions must lie in [0, 1] and add up to at most 1, got {mix}")
+    rest = [k for k in sw.KINDS if k not in mix]
+    if not rest and abs(sum(mix.values()) - 1) > 1e-6:
+        raise ValueError(f"kind fractions name every kind, so they must add up to 1, got {mix}")
+    share = (1 - sum(mix.values())) / len(rest) if rest else 0.0
+    frac = {k: mix.get(k, share) for k in sw.KINDS}
+    quotas = {k: int(n * f) for k, f in frac.items()}
+    for k in sorted(frac, key=lambda k: n * frac[k] - quotas[k], reverse=True)[:n - sum(quotas.values())]:
+        quotas[k] += 1                                   # largest remainders first
+    return quotas
+
+
+def _indices_by_kind(split: str, n: int, seed: int, mix: dict[str, float]) -> np.ndarray:
+    """The first examples of `split`, in index order, that fill each kind's quota (see `kind_quotas`)."""
+    from jaxdiff.data import shapes_world as sw
+    left = kind_quotas(n, mix)
+    out, i = [], 0
+    while len(out) < n:
+        kind = sw.sample_scene(split, i, seed).kind
+        if left[kind] > 0:
+            left[kind] -= 1
+            out.append(i)
+        i += 1
+    return np.asarray(out, np.int64)
+
+
+def parse_kind_mix(text: str) -> dict[str, float]:
+    """`relation=0.5,count=0.25` -> {"relation": 0.5, "count": 0.25}."""
+    mix = {}
+    for part in filter(None, text.split(",")):
+        kind, eq, value = part.partition("=")
+        try:
+            mix[kind.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"{text!r}: expected KIND=FRACTION[,KIND=FRACTION...], "
+                             f"for example relation=0.5,count=0.25") from None
+        if not eq:
+            raise ValueError(f"{text!r}: expected KIND=FRACTION, got {part!r}")
+    return mix
+
+
 def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed: int = 0,
-                        workers: int | None = None, progress: bool = True) -> ArraySource:
+                        workers: int | None = None, progress: bool = True,
+                        kinds: dict[str, float] | None = None) -> ArraySource:
     """Examples 0..n-1 of a shapes_world split rendered into memory, in processes: no TFDS build needed.
 
     Record i equals record i of a TFDS build with the same seed (`jaxdiff data build`), whose default
     is 0. 100,000 examples at 64 px take 1.2 GB and ~1 ms of one core each.
+
+    `kinds` ({"relation": 0.5, ...}) changes the mix of scene kinds (equal by default): the source holds
+    the split's first examples of each kind, in index order, up to the kind's share of n (kinds not
+    named share the rest equally), so record i is no longer example i.
     """
     import multiprocessing
     import os
@@ -455,8 +509,9 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
         raise ValueError(f"split must be one of {sorted(sw.SPLITS)} and resolution one of {sw.RESOLUTIONS}, "
                          f"got {split!r}, {resolution}")
     workers = workers or max(1, min(32, (os.cpu_count() or 1) - 1))
+    indices = _indices_by_kind(split, n, seed, kinds) if kinds else np.arange(n)
     step = max(1, min(2000, -(-n // (4 * workers))))
-    chunks = [(split, lo, min(n, lo + step), seed, resolution) for lo in range(0, n, step)]
+    chunks = [(split, indices[lo:lo + step], seed, resolution) for lo in range(0, n, step)]
     images = np.empty((n, resolution, resolution, 3), np.uint8)
     captions: list[str] = []
     bar = None
@@ -487,7 +542,8 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
 
 def open_source(spec: str, resolution: int = 64, split: str = "train"):
     """`folder:DIR` | `shapes_world:DATA_DIR` (the TFDS build at `resolution`) | `shapes_world_memory:N`
-    (the split's first N examples rendered into memory; no build) | `synthetic[:N]`."""
+    (the split's first N examples rendered into memory; no build) | `shapes_world_memory:N:relation=0.5,...`
+    (N examples with that mix of scene kinds) | `synthetic[:N]`."""
     kind, _, arg = spec.partition(":")
     if kind == "folder" and arg:
         from jaxdiff.data.folder import open_folder
@@ -504,11 +560,13 @@ def open_source(spec: str, resolution: int = 64, split: str = "train"):
                                     f"(build it first: see docs/input_pipeline.md)")
         return tfds.data_source(f"shapes_world/{resolution}", split=split, data_dir=str(Path(arg).expanduser()))
     if kind == "shapes_world_memory":
+        count, _, mix = arg.partition(":")
         try:
-            n = int(arg.replace("_", ""))
+            n = int(count.replace("_", ""))
         except ValueError:
-            raise ValueError(f"{spec!r}: expected shapes_world_memory:N with N a number of examples") from None
-        return shapes_world_memory(n, resolution, split)
+            raise ValueError(f"{spec!r}: expected shapes_world_memory:N[:KIND=FRACTION,...] with N a number "
+                             "of examples") from None
+        return shapes_world_memory(n, resolution, split, kinds=parse_kind_mix(mix) if mix else None)
     if kind == "synthetic":
         return synthetic_source(int(arg) if arg else 1024, resolution)
     raise ValueError(f"unknown source {spec!r}: expected folder:DIR, shapes_world:DATA_DIR, shapes_world_memory:N "
