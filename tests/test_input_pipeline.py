@@ -276,6 +276,7 @@ def test_shapes_world_memory_kind_mix():
     with pytest.raises(ValueError, match="KIND=FRACTION"):
         pl.open_source("shapes_world_memory:8:relation")
 
+
 def array_source(n=40, res=8):
     rng = np.random.default_rng(0)
     return pl.ArraySource(rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8), [f"caption {i}" for i in range(n)])
