@@ -15,8 +15,9 @@ _part = nn.with_logical_partitioning
 
 def dense(features: int, axes=(sh.EMBED, sh.MLP), *, use_bias=True, kernel_scale=1.0, name=None,
           dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Dense:
-    """``kernel_scale``: the std of LeCun-normal init times this."""
-    kernel_init = nn.initializers.variance_scaling(kernel_scale ** 2, "fan_in", "truncated_normal")
+    """``kernel_scale``: the std of LeCun-normal init times this (0: a zero kernel)."""
+    kernel_init = (nn.initializers.zeros_init() if kernel_scale == 0 else
+                   nn.initializers.variance_scaling(kernel_scale ** 2, "fan_in", "truncated_normal"))
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
                     kernel_init=_part(kernel_init, axes),
                     bias_init=_part(nn.initializers.zeros_init(), (axes[-1],)))
@@ -59,6 +60,7 @@ class Attention(nn.Module):
     upcast: bool = False
     group_norm_groups: int | None = None  # VAE mid-block attention: GroupNorm in, residual out
     norm_eps: float = 1e-6
+    out_scale: float = 1.0                # to_out's init scale (0: a zero-initialised residual branch)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -79,7 +81,7 @@ class Attention(nn.Module):
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)  # [B, T, N, H]
         out = dot_product_attention(split(q), split(k), split(v), upcast=self.upcast)
         out = out.reshape(out.shape[0], out.shape[1], inner)
-        out = dense(width, (sh.HEADS, sh.EMBED), name="to_out_0", **kw)(out)
+        out = dense(width, (sh.HEADS, sh.EMBED), kernel_scale=self.out_scale, name="to_out_0", **kw)(out)
         if self.group_norm_groups is not None:
             out = out.reshape(spatial) + residual
         return out

@@ -14,6 +14,7 @@ from jaxdiff.layers import (Attention, Downsample2D, ResnetBlock2D, TimestepEmbe
 Dtype = Any
 CROSS_DOWN, DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, UP = "CrossAttnUpBlock2D", "UpBlock2D"
+REFINER_HEAD_DIM = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,11 @@ class UNetConfig:
     # Fourier features (F octaves, sin and cos) to conv_in's output, so that the UNet knows where it is
     # even when its input is pure noise (CoordConv; a convolution sees position only through its padding)
     position_embedding: int = 0
+    # jaxdiff's extension, not in diffusers: N > 0 runs the text states through N bidirectional
+    # self-attention layers (ContextRefiner) before any cross-attention. A causal CLIP tower leaves the
+    # first words blind to the ones after them ("a red circle" knows nothing of "to the left of a blue
+    # square"); T5 (Imagen) and GLIDE's text transformer see the whole caption from every word
+    context_refiner: int = 0
 
     @property
     def time_embed_dim(self) -> int:
@@ -61,6 +67,11 @@ class UNetConfig:
                 raise ValueError(f"UNetConfig: {c} channels do not split into {h} attention heads")
         if self.position_embedding < 0:
             raise ValueError(f"UNetConfig.position_embedding must be >= 0 octaves, got {self.position_embedding}")
+        if self.context_refiner < 0:
+            raise ValueError(f"UNetConfig.context_refiner must be >= 0 layers, got {self.context_refiner}")
+        if self.context_refiner and self.cross_attention_dim % REFINER_HEAD_DIM:
+            raise ValueError(f"UNetConfig.context_refiner: cross_attention_dim {self.cross_attention_dim} is not a "
+                             f"multiple of the refiner's head width {REFINER_HEAD_DIM}")
         bad = set(self.down_block_types) - {CROSS_DOWN, DOWN} | set(self.up_block_types) - {CROSS_UP, UP}
         if bad:
             raise ValueError(f"UNetConfig: unsupported block types {sorted(bad)}")
@@ -99,6 +110,7 @@ PRESETS = {
 
 class FeedForward(nn.Module):
     """GEGLU: net.0.proj maps to 2 x 4C, its second half gates the first through an exact GELU; net.2 back."""
+    out_scale: float = 1.0            # net.2's init scale (0: a zero-initialised residual branch)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -107,7 +119,8 @@ class FeedForward(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         width = x.shape[-1]
         h, gate = jnp.split(_Proj(8 * width, name="net_0", **kw)(x), 2, axis=-1)
-        return dense(width, (sh.MLP, sh.EMBED), name="net_2", **kw)(h * nn.gelu(gate, approximate=False))
+        return dense(width, (sh.MLP, sh.EMBED), kernel_scale=self.out_scale, name="net_2", **kw)(
+            h * nn.gelu(gate, approximate=False))
 
 
 class _Proj(nn.Module):
@@ -137,6 +150,41 @@ class BasicTransformerBlock(nn.Module):
         x = x + attn("attn1")(h, context if self.only_cross else None)
         x = x + attn("attn2")(layer_norm(name="norm2", **kw)(x), context)
         x = x + FeedForward(name="ff", **kw)(layer_norm(name="norm3", **kw)(x))
+        return constrain(x, sh.BATCH, sh.LENGTH, sh.EMBED)
+
+
+class ContextRefiner(nn.Module):
+    """Bidirectional pre-LayerNorm transformer layers over the text states [B, S, D] (``layers_N``: norm1,
+    attn1, norm3, ff, as a BasicTransformerBlock without cross-attention). Each residual branch starts at
+    zero (to_out and net.2 zero-initialised), so a refiner added to a trained UNet leaves its output
+    unchanged until training moves it."""
+    layers: int
+    upcast: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        width = context.shape[-1]
+        for i in range(self.layers):
+            block = _RefinerBlock(width // REFINER_HEAD_DIM, self.upcast, name=f"layers_{i}", **kw)
+            context = block(context)
+        return context
+
+
+class _RefinerBlock(nn.Module):
+    heads: int
+    upcast: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layer_norm(name="norm1", **kw)(x)
+        x = x + Attention(self.heads, REFINER_HEAD_DIM, upcast=self.upcast, out_scale=0.0, name="attn1", **kw)(h)
+        x = x + FeedForward(out_scale=0.0, name="ff", **kw)(layer_norm(name="norm3", **kw)(x))
         return constrain(x, sh.BATCH, sh.LENGTH, sh.EMBED)
 
 
@@ -257,6 +305,8 @@ class UNet(nn.Module):
             temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(
                 aug.astype(self.dtype))
         context = context.astype(self.dtype)
+        if cfg.context_refiner:
+            context = ContextRefiner(cfg.context_refiner, cfg.upcast_attention, name="context_refiner", **kw)(context)
         n = len(cfg.block_out_channels)
 
         x = conv(cfg.block_out_channels[0], name="conv_in", **kw)(sample.astype(self.dtype))

@@ -177,6 +177,43 @@ def test_position_embedding_stage(recipe, tmp_path):
                                sd.params["unet"]["position_embedding"]["kernel"], rtol=1e-6)
 
 
+def test_context_refiner_stage(recipe, tmp_path):
+    """configs/ldm_shapes_ctx.py: an exported model's UNet given a context refiner and trained on. Before any
+    step its UNet computes exactly what the one it started from does (zero-initialised branches); the export records the
+    refiner (a key diffusers does not know) and carries its trained tensors; jaxdiff samples it; a bad
+    value is refused before anything is written."""
+    from jaxdiff.convert.diffusers import REFINER_KEY
+    from jaxdiff.pipeline import Pipeline
+    from jaxdiff.pretrained import load_pretrained
+    from jaxdiff.train.loop import load_run_params
+    base = load_pretrained(recipe / "sd")
+    args = ["--config", "configs/ldm_shapes_ctx.py:smoke", f"--config.model.model_dir={recipe / 'sd'}",
+            "--config.model.unet_position_embedding=0"]      # the recipe's UNet has none: only the refiner is new
+    train_cli.main(args + ["--workdir", str(tmp_path / "zero"), "--config.loop.steps=1",
+                           "--config.optim.learning_rate=0"])
+    top.main(["export", "--workdir", str(tmp_path / "zero"), "--out", str(tmp_path / "zero_sd"), "--raw-params"])
+    from jaxdiff.unet import UNet
+    zero = load_pretrained(tmp_path / "zero_sd")
+    x, ctx = jax.random.normal(jax.random.key(0), (2, 4, 4, 4)), jax.random.normal(jax.random.key(1), (2, 20, 32))
+    eps = lambda sd: UNet(sd.unet_config).apply({"params": sd.params["unet"]}, x, np.array([10, 900]), ctx)  # noqa: E731
+    assert zero.unet_config.context_refiner == 2
+    np.testing.assert_array_equal(eps(zero), eps(base))           # the same UNet function before any step
+    sample = lambda sd: np.asarray(Pipeline.from_model(sd).txt2img(  # noqa: E731
+        "a red circle to the left of a blue square", steps=3, guidance=3.0, seed=0, height=32, width=32))
+    train_cli.main(args + ["--workdir", str(tmp_path / "ldm"), "--config.loop.steps=2"])
+    top.main(["export", "--workdir", str(tmp_path / "ldm"), "--out", str(tmp_path / "sd")])
+    assert json.loads((tmp_path / "sd" / "unet" / "config.json").read_text())[REFINER_KEY] == 2
+    sd, (trained, _) = load_pretrained(tmp_path / "sd"), load_run_params(tmp_path / "ldm")
+    assert sd.unet_config.context_refiner == 2 and "context_refiner" not in base.params["unet"]
+    for a, b in zip(jax.tree.leaves(trained["unet"]["context_refiner"]),
+                    jax.tree.leaves(sd.params["unet"]["context_refiner"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(sample(sd)).all()
+    with pytest.raises(SystemExit, match="unet_context_refiner=-1.*>= 0"):
+        train_cli.main(args + ["--workdir", str(tmp_path / "bad"), "--config.model.unet_context_refiner=-1"])
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
 def test_the_recipe_chains_its_stages():
     """Each UNet stage of `make shapes-sd` starts from the folder the stage before it exported."""
     import shlex

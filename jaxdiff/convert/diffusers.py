@@ -53,6 +53,7 @@ def _reject(cfg: dict, what: str, **allowed):
 # a UNet with jaxdiff's position embedding (UNetConfig.position_embedding) writes this key, which
 # diffusers' UNet2DConditionModel does not know: such a folder loads in jaxdiff only
 POSITION_KEY = "jaxdiff_position_embedding"
+REFINER_KEY = "jaxdiff_context_refiner"      # UNetConfig.context_refiner, likewise jaxdiff's only
 
 
 def unet_config_from_diffusers(d: dict) -> unet_lib.UNetConfig:
@@ -89,7 +90,8 @@ def unet_config_from_diffusers(d: dict) -> unet_lib.UNetConfig:
         addition_embed_type=d.get("addition_embed_type"),
         addition_time_embed_dim=d.get("addition_time_embed_dim"),
         projection_class_embeddings_input_dim=d.get("projection_class_embeddings_input_dim"),
-        sample_size=d.get("sample_size") or 64, position_embedding=d.get(POSITION_KEY, 0))
+        sample_size=d.get("sample_size") or 64, position_embedding=d.get(POSITION_KEY, 0),
+        context_refiner=d.get(REFINER_KEY, 0))
 
 
 def unet_config_to_diffusers(c: unet_lib.UNetConfig) -> dict:
@@ -109,6 +111,7 @@ def unet_config_to_diffusers(c: unet_lib.UNetConfig) -> dict:
         "sample_size": c.sample_size, "act_fn": "silu", "center_input_sample": False,
         "downsample_padding": 1, "mid_block_scale_factor": 1,
         **({POSITION_KEY: c.position_embedding} if c.position_embedding else {}),
+        **({REFINER_KEY: c.context_refiner} if c.context_refiner else {}),
     }
 
 

@@ -332,9 +332,10 @@ def single_file_state_dict(*, unet, vae, text_encoder, text_layout: str | None =
     and readers count blocks to find it), so an all-zero block is written last: with zero weights a
     pre-norm residual block is the identity, so even a reader that ran it would get the same output.
     """
-    if unet[0].position_embedding:
-        raise ConversionError("the LDM single-file layout has no place for jaxdiff's UNet position embedding "
-                              "(UNetConfig.position_embedding); save a diffusers-style folder instead")
+    for field, what in (("position_embedding", "position embedding"), ("context_refiner", "context refiner")):
+        if getattr(unet[0], field):
+            raise ConversionError(f"the LDM single-file layout has no place for jaxdiff's UNet {what} "
+                                  f"(UNetConfig.{field}); save a diffusers-style folder instead")
     text_config = text_encoder[0]
     text_layout = text_layout or ("openclip" if text_config.hidden_act == "gelu" else "clip")
     out = {}

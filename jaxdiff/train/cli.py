@@ -167,18 +167,19 @@ def build(config, mesh=None, rules=None, workdir=None):
             ucfg = grown_cfg
             print(f"UNet: {m.model_dir}'s grown into the {m.unet_preset!r} preset ({copied} tensors copied, "
                   f"{fresh} new)", flush=True)
-        octaves = m.get("unet_position_embedding", None)
-        if octaves is not None and octaves != ucfg.position_embedding:    # add (or resize) the position map
-            from jaxdiff.unet import grow_params
-            new_cfg = _with_position(ucfg, octaves)
-            init, copied, fresh = grow_params(init, ucfg, random_params("unet", new_cfg, 4), new_cfg)
-            ucfg = new_cfg
-            print(f"UNet: position embedding of {octaves} octaves ({fresh} new tensors)",
-                  flush=True)
+        for key, field, unit in _UNET_EXTENSIONS:                   # add (or resize) jaxdiff's UNet extensions
+            value = m.get(key, None)
+            if value is not None and value != getattr(ucfg, field):
+                from jaxdiff.unet import grow_params
+                new_cfg = _with_unet(ucfg, key, field, value)
+                init, copied, fresh = grow_params(init, ucfg, random_params("unet", new_cfg, 4), new_cfg)
+                ucfg = new_cfg
+                print(f"UNet: {field.replace('_', ' ')} of {value} {unit} ({fresh} new tensors)", flush=True)
     else:
         ucfg, vcfg = preset("unet", m.preset), preset("vae", m.preset)
-        if m.get("unet_position_embedding", None) is not None:
-            ucfg = _with_position(ucfg, m.unet_position_embedding)
+        for key, field, _ in _UNET_EXTENSIONS:
+            if m.get(key, None) is not None:
+                ucfg = _with_unet(ucfg, key, field, m[key])
         frozen = {"vae": random_params("vae", vcfg, 1)}
         if not m.get("text_encoder"):
             tcfg = preset("text_encoder", m.preset)
@@ -234,11 +235,16 @@ def build(config, mesh=None, rules=None, workdir=None):
                           sample_resolution=config.data.resolution), tok
 
 
-def _with_position(ucfg, octaves):
+# config key under `model`, UNetConfig field, unit: jaxdiff's UNet extensions, added to a loaded UNet too
+_UNET_EXTENSIONS = (("unet_position_embedding", "position_embedding", "octaves"),
+                    ("unet_context_refiner", "context_refiner", "layers"))
+
+
+def _with_unet(ucfg, key, field, value):
     try:
-        return dataclasses.replace(ucfg, position_embedding=int(octaves))
+        return dataclasses.replace(ucfg, **{field: int(value)})
     except ValueError as e:
-        raise SystemExit(f"jaxdiff train: model.unet_position_embedding={octaves!r}: {e}") from None
+        raise SystemExit(f"jaxdiff train: model.{key}={value!r}: {e}") from None
 
 
 def clip_tokenizer(kind: str, folder, max_length: int):
