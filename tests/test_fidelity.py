@@ -95,6 +95,26 @@ def test_each_attribute_is_checked():
     assert r["object"] and not r["count"] and not r["correct"]
 
 
+def test_relation_order_and_count_diagnostics(capsys):
+    """Why relation and count prompts fail: both objects drawn the named way round, reversed, or in one
+    row / column; how many of a counted object the images hold. Reported beside accuracy, printed."""
+    pair = _image([("blue", "square", "small", 0), ("yellow", "cross", "small", 2)])   # one row, two columns
+    three = _image([("green", "triangle", "small", c) for c in (0, 4, 5)])
+    caps = ["a blue square to the left of a yellow cross", "a blue square to the right of a yellow cross",
+            "a yellow cross to the right of a blue square", "a blue square above a yellow cross",
+            "a blue square above a red cross", "three green triangles", "two green triangles"]
+    ims = [pair] * 5 + [three] * 2
+    rep = fd.evaluate(ims, caps)
+    order = [r.get("relation_order") for r in rep["results"][:5]]
+    assert order == ["named", "reversed", "named", "neither", None]        # the last lacks its red cross
+    assert rep["diagnostics"] == {"relation_order": {"both_drawn": 4, "named": 2, "reversed": 1, "neither": 1},
+                                  "count_drawn": {"2": {"3": 1}, "3": {"3": 1}}}
+    assert rep["by_kind"]["relation"]["accuracy"] == 2 / 5
+    text = fd.format_report(rep)
+    assert "both objects drawn: 4 (named order 2, reversed 1, same row / column 1)" in text
+    assert "count 2: images holding 3: 1" in text
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="'a red blob'"):
         fd.score(_image([("red", "star", "large", 4)]), "a red blob")

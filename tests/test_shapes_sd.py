@@ -279,6 +279,10 @@ def test_study_tables_and_plot(recipe, tmp_path):
     md = study.markdown({"model": "m", "steps": 2, "sampler": "ddim", "sdedit_guidance": 3.0, "guidance": rows,
                          "sdedit": edits})
     assert md.count("| validation (4) |") == 2 and "| 0.5 |" in md
+    assert "Why relations and counts fail" in md and md.count("| heldout | 3 |") == 2   # per attribute, diagnostics
+    older = [{k: v for k, v in r.items() if k != "diagnostics"} for r in rows]      # a study.json from before
+    assert "Why relations" not in study.markdown({"model": "m", "steps": 2, "sampler": "ddim", "sdedit_guidance": 3.0,
+                                                  "guidance": older, "sdedit": edits})
     ET.fromstring(study.svg_plot(rows))                                  # well-formed SVG
 
 

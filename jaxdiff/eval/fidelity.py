@@ -207,6 +207,10 @@ def _relation_holds(a: Detected, b: Detected, relation):
             "above": a.row < b.row, "below": a.row > b.row}[relation]
 
 
+INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+           "below": "above"}
+
+
 def score(image, caption) -> dict:
     """Per-attribute results for one image and its caption (a str or a parsed `Prompt`), and `correct`.
 
@@ -226,9 +230,16 @@ def score(image, caption) -> dict:
         out["relation"] = any(_relation_holds(x, y, prompt.relation)
                               for x in first for y in second if x is not y)
         joint = out["relation"]
+        # diagnostic, not an attribute: with both objects drawn, did the image put them the named way
+        # round, the other way round, or in one row / column (neither)?
+        if out["object"]:
+            reversed_ = any(_relation_holds(x, y, INVERSE[prompt.relation])
+                            for x in first for y in second if x is not y)
+            out["relation_order"] = "named" if out["relation"] else ("reversed" if reversed_ else "neither")
     elif prompt.kind == "count":
         out["object"] = bool(first)
         out["count"] = len(first) == prompt.count
+        out["count_named"], out["count_drawn"] = prompt.count, len(first)   # diagnostic: how many were drawn
         joint = out["count"]
     else:
         out["object"] = bool(first)
@@ -276,7 +287,23 @@ def evaluate(images, captions, splits=None) -> dict:
         vals = [r[a] for r in results if a in r]
         report["by_attribute"][a] = {"n": len(vals), "accuracy": sum(vals) / len(vals) if vals else None}
     report["heldout"] = report["by_split"].get("heldout")
+    report["diagnostics"] = diagnostics(results)
     return report
+
+
+def diagnostics(results) -> dict:
+    """Why relation and count prompts fail. ``relation_order``: of the relation prompts whose two objects
+    were both drawn, how many put them the named way round, the other way round (``reversed``: the model
+    drew both but ignored the relation word) or in one row / column (``neither``). ``count_drawn``: per
+    named count, how many objects of the named colour and shape the images hold ({"2": {"1": 3, ...}})."""
+    order = [r["relation_order"] for r in results if "relation_order" in r]
+    counts: dict = {}
+    for r in results:
+        if "count_drawn" in r:
+            drawn = counts.setdefault(str(r["count_named"]), {})
+            drawn[str(r["count_drawn"])] = drawn.get(str(r["count_drawn"]), 0) + 1
+    return {"relation_order": {"both_drawn": len(order), **{k: order.count(k) for k in ("named", "reversed", "neither")}},
+            "count_drawn": {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in sorted(counts.items())}}
 
 
 def format_report(report) -> str:
@@ -287,6 +314,13 @@ def format_report(report) -> str:
     for name, v in rows:
         if v["n"]:
             lines.append(f"{name:24s} {v['n']:6d} {100 * v['accuracy']:8.1f}%")
+    diag = report.get("diagnostics") or {}
+    order = diag.get("relation_order") or {}
+    if order.get("both_drawn"):
+        lines.append(f"relations with both objects drawn: {order['both_drawn']} (named order {order['named']}, "
+                     f"reversed {order['reversed']}, same row / column {order['neither']})")
+    for want, drawn in (diag.get("count_drawn") or {}).items():
+        lines.append(f"count {want}: images holding " + ", ".join(f"{k}: {v}" for k, v in drawn.items()))
     return "\n".join(lines)
 
 

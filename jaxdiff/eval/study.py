@@ -70,7 +70,8 @@ def guidance_study(pipe, n_val, n_heldout, steps, sampler, weights=GUIDANCE, log
             row = {"split": split, "guidance": w, "n": n, "fidelity": rep["overall"]["accuracy"],
                    "by_kind": {k: v["accuracy"] for k, v in rep["by_kind"].items()},
                    "by_attribute": {k: v["accuracy"] for k, v in rep["by_attribute"].items()},
-                   "frechet": frechet.frechet(images, real), "seconds": time.perf_counter() - t}
+                   "frechet": frechet.frechet(images, real), "diagnostics": rep["diagnostics"],
+                   "seconds": time.perf_counter() - t}
             rows.append(row)
             log(f"{split:10s} w={w:<4} fidelity {100 * row['fidelity']:5.1f} %  frechet {row['frechet']:7.2f}  "
                 f"({row['seconds']:.0f} s)")
@@ -121,6 +122,17 @@ def markdown(result) -> str:
     for r in g:
         lines.append(f"| {r['split']} | {r['guidance']:g} | "
                      + " | ".join(pct(r["by_attribute"].get(a)) for a in attrs) + " |")
+    if all("diagnostics" in r for r in g):      # studies written before the evaluator reported them lack it
+        lines += ["", "Why relations and counts fail: of the relation prompts with both objects drawn, how many "
+                  "hold the named order, the reversed one, or share a row / column; and how many of the named "
+                  "object the count prompts' images hold:", "",
+                  "| split | w | both drawn | named order | reversed | same row / column | objects drawn for \"two\" "
+                  "| for \"three\" |", "|---|---|---|---|---|---|---|---|"]
+        for r in g:
+            o, c = r["diagnostics"]["relation_order"], r["diagnostics"]["count_drawn"]
+            hist = lambda k: ", ".join(f"{n}: {v}" for n, v in c.get(k, {}).items()) or "-"  # noqa: E731
+            lines.append(f"| {r['split']} | {r['guidance']:g} | {o['both_drawn']} | {o['named']} | {o['reversed']} | "
+                         f"{o['neither']} | {hist('2')} | {hist('3')} |")
     lines += ["", f"SDEdit: {e[0]['n']} one-object validation renders, prompt with the object recoloured, "
               f"guidance {result['sdedit_guidance']:g}:", "",
               "| strength | edited prompt correct | original prompt still correct |", "|---|---|---|"]
