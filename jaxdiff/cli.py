@@ -53,10 +53,9 @@ def _export(args):
             step = export_ldm(work, out, overwrite=args.overwrite, prefer_ema=not args.raw_params)
         except ValueError as err:
             sys.exit(f"jaxdiff export: {err}")
-        from jaxdiff.convert.diffusers import POSITION_KEY, REFINER_KEY
+        from jaxdiff.convert.diffusers import UNET_EXTENSIONS
         unet_cfg = json.loads((out / "unet" / "config.json").read_text())
-        ext = [what for key, what in ((POSITION_KEY, "position embedding"), (REFINER_KEY, "context refiner"))
-               if key in unet_cfg]
+        ext = [what for _, key, what, _ in UNET_EXTENSIONS if key in unet_cfg]
         only = f" jaxdiff's UNet {' and '.join(ext)}: diffusers cannot load it;" if ext else ""
         print(f"wrote {out} (diffusers folder, UNet of step {step};{only} load with Pipeline.from_pretrained "
               "or `jaxdiff txt2img --model`)")

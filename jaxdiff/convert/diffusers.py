@@ -54,6 +54,10 @@ def _reject(cfg: dict, what: str, **allowed):
 # diffusers' UNet2DConditionModel does not know: such a folder loads in jaxdiff only
 POSITION_KEY = "jaxdiff_position_embedding"
 REFINER_KEY = "jaxdiff_context_refiner"      # UNetConfig.context_refiner, likewise jaxdiff's only
+# jaxdiff's UNet extensions, one row each: UNetConfig field, its key in the folder's config.json, its name
+# in messages, its unit. The export, the single-file writer and `jaxdiff train` all read this table.
+UNET_EXTENSIONS = (("position_embedding", POSITION_KEY, "position embedding", "octaves"),
+                   ("context_refiner", REFINER_KEY, "context refiner", "layers"))
 
 
 def unet_config_from_diffusers(d: dict) -> unet_lib.UNetConfig:
@@ -90,8 +94,7 @@ def unet_config_from_diffusers(d: dict) -> unet_lib.UNetConfig:
         addition_embed_type=d.get("addition_embed_type"),
         addition_time_embed_dim=d.get("addition_time_embed_dim"),
         projection_class_embeddings_input_dim=d.get("projection_class_embeddings_input_dim"),
-        sample_size=d.get("sample_size") or 64, position_embedding=d.get(POSITION_KEY, 0),
-        context_refiner=d.get(REFINER_KEY, 0))
+        sample_size=d.get("sample_size") or 64, **{field: d.get(key, 0) for field, key, *_ in UNET_EXTENSIONS})
 
 
 def unet_config_to_diffusers(c: unet_lib.UNetConfig) -> dict:
@@ -110,8 +113,7 @@ def unet_config_to_diffusers(c: unet_lib.UNetConfig) -> dict:
         "projection_class_embeddings_input_dim": c.projection_class_embeddings_input_dim,
         "sample_size": c.sample_size, "act_fn": "silu", "center_input_sample": False,
         "downsample_padding": 1, "mid_block_scale_factor": 1,
-        **({POSITION_KEY: c.position_embedding} if c.position_embedding else {}),
-        **({REFINER_KEY: c.context_refiner} if c.context_refiner else {}),
+        **{key: getattr(c, field) for field, key, *_ in UNET_EXTENSIONS if getattr(c, field)},
     }
 
 

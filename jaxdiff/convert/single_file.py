@@ -332,7 +332,7 @@ def single_file_state_dict(*, unet, vae, text_encoder, text_layout: str | None =
     and readers count blocks to find it), so an all-zero block is written last: with zero weights a
     pre-norm residual block is the identity, so even a reader that ran it would get the same output.
     """
-    for field, what in (("position_embedding", "position embedding"), ("context_refiner", "context refiner")):
+    for field, _, what, _ in dlib.UNET_EXTENSIONS:
         if getattr(unet[0], field):
             raise ConversionError(f"the LDM single-file layout has no place for jaxdiff's UNet {what} "
                                   f"(UNetConfig.{field}); save a diffusers-style folder instead")

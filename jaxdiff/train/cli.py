@@ -103,7 +103,7 @@ def build(config, mesh=None, rules=None, workdir=None):
 
     import tempfile
 
-    from jaxdiff.convert.diffusers import COMPONENTS
+    from jaxdiff.convert.diffusers import COMPONENTS, UNET_EXTENSIONS
     from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer
     from jaxdiff.train import tasks
     from jaxdiff.train.runs import RANDOM_TEXT
@@ -167,19 +167,19 @@ def build(config, mesh=None, rules=None, workdir=None):
             ucfg = grown_cfg
             print(f"UNet: {m.model_dir}'s grown into the {m.unet_preset!r} preset ({copied} tensors copied, "
                   f"{fresh} new)", flush=True)
-        for key, field, unit in _UNET_EXTENSIONS:                   # add (or resize) jaxdiff's UNet extensions
-            value = m.get(key, None)
+        for field, _, what, unit in UNET_EXTENSIONS:              # add (or resize) jaxdiff's UNet extensions
+            value = m.get(f"unet_{field}", None)
             if value is not None and value != getattr(ucfg, field):
                 from jaxdiff.unet import grow_params
-                new_cfg = _with_unet(ucfg, key, field, value)
+                new_cfg = _with_unet(ucfg, field, value)
                 init, copied, fresh = grow_params(init, ucfg, random_params("unet", new_cfg, 4), new_cfg)
                 ucfg = new_cfg
-                print(f"UNet: {field.replace('_', ' ')} of {value} {unit} ({fresh} new tensors)", flush=True)
+                print(f"UNet: {what} of {value} {unit} ({fresh} new tensors)", flush=True)
     else:
         ucfg, vcfg = preset("unet", m.preset), preset("vae", m.preset)
-        for key, field, _ in _UNET_EXTENSIONS:
-            if m.get(key, None) is not None:
-                ucfg = _with_unet(ucfg, key, field, m[key])
+        for field, *_ in UNET_EXTENSIONS:
+            if m.get(f"unet_{field}", None) is not None:
+                ucfg = _with_unet(ucfg, field, m[f"unet_{field}"])
         frozen = {"vae": random_params("vae", vcfg, 1)}
         if not m.get("text_encoder"):
             tcfg = preset("text_encoder", m.preset)
@@ -235,16 +235,12 @@ def build(config, mesh=None, rules=None, workdir=None):
                           sample_resolution=config.data.resolution), tok
 
 
-# config key under `model`, UNetConfig field, unit: jaxdiff's UNet extensions, added to a loaded UNet too
-_UNET_EXTENSIONS = (("unet_position_embedding", "position_embedding", "octaves"),
-                    ("unet_context_refiner", "context_refiner", "layers"))
-
-
-def _with_unet(ucfg, key, field, value):
+def _with_unet(ucfg, field, value):
+    """``ucfg`` with jaxdiff's UNet extension ``field`` set from ``model.unet_<field>``."""
     try:
         return dataclasses.replace(ucfg, **{field: int(value)})
     except ValueError as e:
-        raise SystemExit(f"jaxdiff train: model.{key}={value!r}: {e}") from None
+        raise SystemExit(f"jaxdiff train: model.unet_{field}={value!r}: {e}") from None
 
 
 def clip_tokenizer(kind: str, folder, max_length: int):
