@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -12,6 +13,7 @@ from jaxdiff.layers import (Attention, Downsample2D, ResnetBlock2D, TimestepEmbe
                             conv, constrain, dense, group_norm, layer_norm, timestep_embedding)
 
 Dtype = Any
+_part = nn.with_logical_partitioning
 CROSS_DOWN, DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, UP = "CrossAttnUpBlock2D", "UpBlock2D"
 REFINER_HEAD_DIM = 32
@@ -36,8 +38,12 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     mid_block: bool = True
-    # SDXL's micro-conditioning ("text_time"): time ids and the pooled text embedding.
+    # an embedding added to the time embedding: SDXL's micro-conditioning ("text_time": time ids and the
+    # pooled text embedding, given in added_cond), or DeepFloyd IF's "text" (TextTimeEmbedding: the text
+    # states attention-pooled, with addition_embed_type_num_heads heads, as GLIDE and Imagen add a pooled
+    # text vector), which reads the context and needs no added_cond
     addition_embed_type: str | None = None
+    addition_embed_type_num_heads: int = 64
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
     sample_size: int = 64
@@ -67,6 +73,13 @@ class UNetConfig:
                 raise ValueError(f"UNetConfig: {c} channels do not split into {h} attention heads")
         if self.position_embedding < 0:
             raise ValueError(f"UNetConfig.position_embedding must be >= 0 octaves, got {self.position_embedding}")
+        if self.addition_embed_type not in (None, "text_time", "text"):
+            raise ValueError(f"UNetConfig.addition_embed_type must be None, 'text_time' or 'text', "
+                             f"got {self.addition_embed_type!r}")
+        if self.addition_embed_type == "text" and (self.addition_embed_type_num_heads < 1 or
+                                                   self.cross_attention_dim % self.addition_embed_type_num_heads):
+            raise ValueError(f"UNetConfig.addition_embed_type_num_heads: cross_attention_dim "
+                             f"{self.cross_attention_dim} does not split into {self.addition_embed_type_num_heads} heads")
         if self.context_refiner < 0:
             raise ValueError(f"UNetConfig.context_refiner must be >= 0 layers, got {self.context_refiner}")
         if self.context_refiner and self.cross_attention_dim % REFINER_HEAD_DIM:
@@ -171,6 +184,46 @@ class ContextRefiner(nn.Module):
             block = _RefinerBlock(width // REFINER_HEAD_DIM, self.upcast, name=f"layers_{i}", **kw)
             context = block(context)
         return context
+
+
+class TextTimeEmbedding(nn.Module):
+    """diffusers' ``TextTimeEmbedding`` (DeepFloyd IF's text pooling): LayerNorm, attention pooling, Linear to
+    the time embedding's width, LayerNorm: [B, S, D] text states -> [B, time_embed_dim]."""
+    features: int
+    heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = layer_norm(name="norm1", **kw)(context)
+        x = AttentionPooling(self.heads, name="pool", **kw)(x)
+        return layer_norm(name="norm2", **kw)(dense(self.features, name="proj", **kw)(x))
+
+
+class AttentionPooling(nn.Module):
+    """diffusers' ``AttentionPooling``: one query, the mean of the tokens plus a learned vector, attends over
+    itself and every token (no padding mask, as in diffusers): [B, S, D] -> [B, D]."""
+    heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, _, d = x.shape
+        pos = self.param("positional_embedding", _part(nn.initializers.normal(d ** -0.5), (None, sh.EMBED)),
+                         (1, d), self.param_dtype)
+        cls = jnp.mean(x, axis=1, keepdims=True) + pos.astype(x.dtype)             # [B, 1, D]
+        x = jnp.concatenate([cls, x], axis=1)                                      # [B, 1 + S, D]
+        split = lambda y: y.reshape(b, y.shape[1], self.heads, d // self.heads)    # noqa: E731
+        q = split(dense(d, (sh.EMBED, sh.HEADS), name="q_proj", **kw)(cls))
+        k = split(dense(d, (sh.EMBED, sh.HEADS), name="k_proj", **kw)(x))
+        v = split(dense(d, (sh.EMBED, sh.HEADS), name="v_proj", **kw)(x))
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(d // self.heads)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, d)
 
 
 class _RefinerBlock(nn.Module):
@@ -305,6 +358,9 @@ class UNet(nn.Module):
             temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(
                 aug.astype(self.dtype))
         context = context.astype(self.dtype)
+        if cfg.addition_embed_type == "text":                       # reads the text states before any refiner
+            temb = temb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads,
+                                            name="add_embedding", **kw)(context)
         if cfg.context_refiner:
             context = ContextRefiner(cfg.context_refiner, cfg.upcast_attention, name="context_refiner", **kw)(context)
         n = len(cfg.block_out_channels)

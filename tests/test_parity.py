@@ -27,6 +27,8 @@ UNET_NO_MID = dict(sample_size=8, block_out_channels=(32, 32), layers_per_block=
                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
                    attention_head_dim=4, norm_num_groups=8, flip_sin_to_cos=False, freq_shift=1)
+# DeepFloyd IF's pooled text added to the time embedding (addition_embed_type "text": TextTimeEmbedding)
+UNET_TEXT_POOL = dict(ref.UNET_SD1, addition_embed_type="text", addition_embed_type_num_heads=4)
 VAE_BARE = dict(block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=4, latent_channels=16,
                 use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
@@ -47,6 +49,7 @@ def assert_close(out, expected, tol=TOL):
     ("odd_size_skips", ref.UNET_SD1, (10, 14)),                 # upsampling to odd skip shapes
     ("only_cross_9ch", UNET_ODD, (16, 8)),
     ("no_mid_block", UNET_NO_MID, (8, 16)),
+    ("text_pooling", UNET_TEXT_POOL, (8, 8)),
 ])
 def test_unet_matches_diffusers(tmp_path, name, config, hw):
     model = ref.make_unet(config)

@@ -214,6 +214,91 @@ def test_context_refiner_stage(recipe, tmp_path):
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+def test_text_pooling_stage(recipe, tmp_path):
+    """configs/ldm_shapes_pool.py: an exported model's UNet given DeepFloyd IF's pooled text (added to the time
+    embedding) and trained on. Before any step it computes exactly what the one it started from does (the
+    branch's last LayerNorm starts at zero); one step moves it; the export is a plain diffusers UNet config
+    (addition_embed_type "text") that diffusers loads and runs as jaxdiff does; the single-file layout refuses
+    it; a bad value is refused before anything is written."""
+    from diffusers import UNet2DConditionModel
+
+    from jaxdiff.convert import single_file
+    from jaxdiff.pretrained import load_pretrained
+    from jaxdiff.unet import UNet
+    base = load_pretrained(recipe / "sd")
+    args = ["--config", "configs/ldm_shapes_pool.py:smoke", f"--config.model.model_dir={recipe / 'sd'}",
+            "--config.model.unet_position_embedding=0"]
+    x, ctx = jax.random.normal(jax.random.key(0), (2, 4, 4, 4)), jax.random.normal(jax.random.key(1), (2, 20, 32))
+    t = np.array([10, 900])
+    eps = lambda sd: UNet(sd.unet_config).apply({"params": sd.params["unet"]}, x, t, ctx)  # noqa: E731
+    for name, lr, steps in (("zero", 0, 1), ("one", 1e-3, 2)):          # the first step's lr is 0 (warm-up)
+        train_cli.main(args + ["--workdir", str(tmp_path / name), f"--config.optim.learning_rate={lr}",
+                               f"--config.loop.steps={steps}"])
+        top.main(["export", "--workdir", str(tmp_path / name), "--out", str(tmp_path / f"{name}_sd"), "--raw-params"])
+    zero, one = load_pretrained(tmp_path / "zero_sd"), load_pretrained(tmp_path / "one_sd")
+    assert zero.unet_config.addition_embed_type == "text" and zero.unet_config.addition_embed_type_num_heads == 4
+    assert "add_embedding" not in base.params["unet"]
+    np.testing.assert_array_equal(eps(zero), eps(base))           # the same UNet function before any step
+    assert float(np.abs(one.params["unet"]["add_embedding"]["norm2"]["scale"]).max()) > 0   # the branch opens
+    assert float(np.abs(eps(one) - eps(base)).max()) > 0
+    cfg = json.loads((tmp_path / "one_sd" / "unet" / "config.json").read_text())
+    assert (cfg["addition_embed_type"], cfg["addition_embed_type_num_heads"]) == ("text", 4)
+    theirs = UNet2DConditionModel.from_pretrained(str(tmp_path / "one_sd" / "unet")).eval()
+    with torch.no_grad():
+        ref = theirs(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2), torch.from_numpy(t),
+                     torch.from_numpy(np.asarray(ctx))).sample.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(eps(one), ref, atol=2e-4, rtol=1e-3)
+    with pytest.raises(single_file.ConversionError, match="pooled text"):
+        single_file.single_file_state_dict(unet=(one.unet_config, one.params["unet"]), vae=None, text_encoder=None)
+    with pytest.raises(SystemExit, match=r"unet_text_pooling=-1: expected a number of heads >= 0"):
+        train_cli.main(args + ["--workdir", str(tmp_path / "bad"), "--config.model.unet_text_pooling=-1",
+                               "--config.loop.steps=1"])
+    with pytest.raises(SystemExit, match="unet_text_pooling=5.*does not split into 5 heads"):
+        train_cli.main(args + ["--workdir", str(tmp_path / "bad"), "--config.model.unet_text_pooling=5",
+                               "--config.loop.steps=1"])
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_relation_probe(recipe, tmp_path, capsys):
+    """python -m jaxdiff.eval.relation_probe: the x0 estimate at t = T from each prediction type, the measured
+    and the fitted pairs disjoint, a 2-step fit with either target, the JSON written whole, bad arguments
+    refused before the model loads."""
+    import jax.numpy as jnp
+
+    from jaxdiff.eval import relation_probe as rp
+    from jaxdiff.pretrained import load_pretrained
+    with pytest.raises(ValueError, match="not a shapes-world size"):
+        rp.Probe(load_pretrained(recipe / "sd"), 48)
+    probe = rp.Probe(load_pretrained(recipe / "sd"), 32)         # the recipe trains at 32 px
+    x, out, t = jnp.full((1, 2, 2, 1), 2.0), jnp.full((1, 2, 2, 1), 0.5), jnp.array([probe.T - 1])
+    a = float(probe.alphas[-1])
+    expect = (2.0 - np.sqrt(1 - a) * 0.5) / np.sqrt(a) if probe.prediction == "epsilon" else \
+        np.sqrt(a) * 2.0 - np.sqrt(1 - a) * 0.5
+    np.testing.assert_allclose(np.asarray(probe.x0(x, t, out)), expect, rtol=1e-5)
+    measured = rp.object_pairs(3, 0)
+    assert not set(measured) & set(rp.object_pairs(5, 1, exclude=measured)) and len(set(measured)) == 3
+    assert all(a[0] != b[0] for a, b in measured)
+    for target in ("mean", "sample"):
+        out_json = tmp_path / f"{target}.json"
+        assert rp.main(["--model", str(recipe / "sd"), "--resolution", "32", "--pairs", "1", "--renders", "2", "--noises", "2",
+                        "--guidance", "1", "--fit-steps", "2", "--fit-pairs", "2", "--target", target,
+                        "--batch", "2", "--json", str(out_json)]) == 0
+        result = json.loads(out_json.read_text())
+        assert result["fit"]["target"] == target and np.isfinite(result["fit"]["loss_last_10"])
+        rows = result["alignment"]
+        assert sorted(rows) == ["above / below, w=1", "in the top left / in the bottom right, w=1",
+                                "to the left of / to the right of, w=1"]
+        assert all(len(r["cosines"]) == 1 and -1 <= r["cosines"][0] <= 1 and r["captions"] == 2 for r in rows.values())
+    assert "| above / below, w=1 |" in capsys.readouterr().out
+    for bad, match in ((["--pairs", "0"], "--pairs must be >= 1"),
+                       (["--json", str(tmp_path / "no" / "x.json")], "does not exist")):
+        with pytest.raises(SystemExit):
+            rp.main(["--model", str(tmp_path / "missing")] + bad)
+        assert match in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="relation probe: "):
+        rp.main(["--model", str(tmp_path / "missing")])
+
+
 def test_the_recipe_chains_its_stages():
     """Each UNet stage of `make shapes-sd` starts from the folder the stage before it exported."""
     import shlex

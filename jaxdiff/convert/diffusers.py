@@ -65,12 +65,12 @@ def unet_config_from_diffusers(d: dict) -> unet_lib.UNetConfig:
             resnet_time_scale_shift=("default",), act_fn=("silu",), dual_cross_attention=(False,),
             center_input_sample=(False,), mid_block_type=("UNetMidBlock2DCrossAttn", None),
             conv_in_kernel=(3,), conv_out_kernel=(3,), time_embedding_type=("positional",),
-            timestep_post_act=(None,), addition_embed_type=(None, "text_time"),
+            timestep_post_act=(None,), addition_embed_type=(None, "text_time", "text"),
             attention_type=("default",), num_class_embeds=(None,), time_embedding_dim=(None,),
             downsample_padding=(1,), mid_block_scale_factor=(1, 1.0), reverse_transformer_layers_per_block=(None,),
             class_embeddings_concat=(False,),
             cross_attention_norm=(None,), resnet_skip_time_act=(False,), resnet_out_scale_factor=(1, 1.0),
-            encoder_hid_dim=(None,), addition_embed_type_num_heads=(64,))
+            encoder_hid_dim=(None,))
     n = len(d["block_out_channels"])
     heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)  # diffusers' misnomer
     if isinstance(d.get("only_cross_attention"), list) and len(set(d["only_cross_attention"])) > 1:
@@ -93,6 +93,7 @@ def unet_config_from_diffusers(d: dict) -> unet_lib.UNetConfig:
         mid_block=d.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None,
         addition_embed_type=d.get("addition_embed_type"),
         addition_time_embed_dim=d.get("addition_time_embed_dim"),
+        addition_embed_type_num_heads=d.get("addition_embed_type_num_heads") or 64,
         projection_class_embeddings_input_dim=d.get("projection_class_embeddings_input_dim"),
         sample_size=d.get("sample_size") or 64, **{field: d.get(key, 0) for field, key, *_ in UNET_EXTENSIONS})
 
@@ -110,6 +111,7 @@ def unet_config_to_diffusers(c: unet_lib.UNetConfig) -> dict:
         "flip_sin_to_cos": c.flip_sin_to_cos, "freq_shift": c.freq_shift,
         "mid_block_type": "UNetMidBlock2DCrossAttn" if c.mid_block else None,
         "addition_embed_type": c.addition_embed_type, "addition_time_embed_dim": c.addition_time_embed_dim,
+        "addition_embed_type_num_heads": c.addition_embed_type_num_heads,
         "projection_class_embeddings_input_dim": c.projection_class_embeddings_input_dim,
         "sample_size": c.sample_size, "act_fn": "silu", "center_input_sample": False,
         "downsample_padding": 1, "mid_block_scale_factor": 1,

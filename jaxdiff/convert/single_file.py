@@ -336,6 +336,10 @@ def single_file_state_dict(*, unet, vae, text_encoder, text_layout: str | None =
         if getattr(unet[0], field):
             raise ConversionError(f"the LDM single-file layout has no place for jaxdiff's UNet {what} "
                                   f"(UNetConfig.{field}); save a diffusers-style folder instead")
+    if unet[0].addition_embed_type == "text":
+        raise ConversionError("the LDM single-file layout has no place for pooled text in the time embedding "
+                              "(UNetConfig.addition_embed_type='text', DeepFloyd IF's); save a diffusers-style "
+                              "folder instead")
     text_config = text_encoder[0]
     text_layout = text_layout or ("openclip" if text_config.hidden_act == "gelu" else "clip")
     out = {}

@@ -175,11 +175,24 @@ def build(config, mesh=None, rules=None, workdir=None):
                 init, copied, fresh = grow_params(init, ucfg, random_params("unet", new_cfg, 4), new_cfg)
                 ucfg = new_cfg
                 print(f"UNet: {what} of {value} {unit} ({fresh} new tensors)", flush=True)
+        heads = m.get("unet_text_pooling", None)
+        if heads is not None and heads != _text_pooling_heads(ucfg):
+            from jaxdiff.unet import grow_params
+            new_cfg = _with_text_pooling(ucfg, heads)
+            init, copied, fresh = grow_params(init, ucfg, random_params("unet", new_cfg, 4), new_cfg)
+            if "add_embedding" in init and "add_embedding" not in sd.params["unet"]:
+                # the new pooled-text branch adds exactly zero to the time embedding until it trains
+                init["add_embedding"]["norm2"] = jax.tree.map(jax.numpy.zeros_like, init["add_embedding"]["norm2"])
+            ucfg = new_cfg
+            print(f"UNet: pooled text added to the time embedding, {heads} heads ({fresh} new tensors, "
+                  "the branch zero at the start)" if heads else "UNet: pooled text removed", flush=True)
     else:
         ucfg, vcfg = preset("unet", m.preset), preset("vae", m.preset)
         for field, *_ in UNET_EXTENSIONS:
             if m.get(f"unet_{field}", None) is not None:
                 ucfg = _with_unet(ucfg, field, m[f"unet_{field}"])
+        if m.get("unet_text_pooling", None):
+            ucfg = _with_text_pooling(ucfg, m.unet_text_pooling)
         frozen = {"vae": random_params("vae", vcfg, 1)}
         if not m.get("text_encoder"):
             tcfg = preset("text_encoder", m.preset)
@@ -241,6 +254,25 @@ def _with_unet(ucfg, field, value):
         return dataclasses.replace(ucfg, **{field: int(value)})
     except ValueError as e:
         raise SystemExit(f"jaxdiff train: model.unet_{field}={value!r}: {e}") from None
+
+
+def _text_pooling_heads(ucfg) -> int:
+    return ucfg.addition_embed_type_num_heads if ucfg.addition_embed_type == "text" else 0
+
+
+def _with_text_pooling(ucfg, heads):
+    """``ucfg`` with DeepFloyd IF's pooled text added to the time embedding (``addition_embed_type="text"``,
+    ``heads`` attention-pooling heads; 0 removes it), from ``model.unet_text_pooling``."""
+    if ucfg.addition_embed_type not in (None, "text"):
+        raise SystemExit(f"jaxdiff train: model.unet_text_pooling: the UNet already adds "
+                         f"{ucfg.addition_embed_type!r} to its time embedding")
+    if not isinstance(heads, int) or heads < 0:
+        raise SystemExit(f"jaxdiff train: model.unet_text_pooling={heads!r}: expected a number of heads >= 0")
+    try:
+        return dataclasses.replace(ucfg, addition_embed_type="text" if heads else None,
+                                   addition_embed_type_num_heads=heads or 64)
+    except ValueError as e:
+        raise SystemExit(f"jaxdiff train: model.unet_text_pooling={heads!r}: {e}") from None
 
 
 def clip_tokenizer(kind: str, folder, max_length: int):
