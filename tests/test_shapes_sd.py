@@ -217,10 +217,13 @@ def test_context_refiner_stage(recipe, tmp_path):
 def test_text_pooling_stage(recipe, tmp_path):
     """configs/ldm_shapes_pool.py: an exported model's UNet given DeepFloyd IF's pooled text (added to the time
     embedding) and trained on. Before any step it computes exactly what the one it started from does (the
-    branch's last LayerNorm starts at zero); one step moves it; the export is a plain diffusers UNet config
+    branch's last LayerNorm starts at zero); a step moves it; the export is a plain diffusers UNet config
     (addition_embed_type "text") that diffusers loads and runs as jaxdiff does; the single-file layout refuses
     it; a bad value is refused before anything is written."""
+    import dataclasses
+
     from diffusers import UNet2DConditionModel
+    from flax import linen as nn
 
     from jaxdiff.convert import single_file
     from jaxdiff.pretrained import load_pretrained
@@ -231,14 +234,16 @@ def test_text_pooling_stage(recipe, tmp_path):
     x, ctx = jax.random.normal(jax.random.key(0), (2, 4, 4, 4)), jax.random.normal(jax.random.key(1), (2, 20, 32))
     t = np.array([10, 900])
     eps = lambda sd: UNet(sd.unet_config).apply({"params": sd.params["unet"]}, x, t, ctx)  # noqa: E731
-    for name, lr, steps in (("zero", 0, 1), ("one", 1e-3, 2)):          # the first step's lr is 0 (warm-up)
-        train_cli.main(args + ["--workdir", str(tmp_path / name), f"--config.optim.learning_rate={lr}",
-                               f"--config.loop.steps={steps}"])
-        top.main(["export", "--workdir", str(tmp_path / name), "--out", str(tmp_path / f"{name}_sd"), "--raw-params"])
-    zero, one = load_pretrained(tmp_path / "zero_sd"), load_pretrained(tmp_path / "one_sd")
-    assert zero.unet_config.addition_embed_type == "text" and zero.unet_config.addition_embed_type_num_heads == 4
-    assert "add_embedding" not in base.params["unet"]
-    np.testing.assert_array_equal(eps(zero), eps(base))           # the same UNet function before any step
+    config = train_cli.apply_overrides(train_cli.load_config(args[1]), [a[len("--config."):] for a in args[2:]])
+    start = nn.unbox(train_cli.build(config)[0].init(jax.random.key(0)))["unet"]   # what step 1 starts from
+    pooled = dataclasses.replace(base.unet_config, addition_embed_type="text", addition_embed_type_num_heads=4)
+    assert "add_embedding" not in base.params["unet"] and "add_embedding" in start
+    np.testing.assert_array_equal(UNet(pooled).apply({"params": start}, x, t, ctx), eps(base))  # the same function
+    train_cli.main(args + ["--workdir", str(tmp_path / "one"), "--config.optim.learning_rate=1e-3",
+                           "--config.loop.steps=2"])                 # the first step's lr is 0 (warm-up)
+    top.main(["export", "--workdir", str(tmp_path / "one"), "--out", str(tmp_path / "one_sd"), "--raw-params"])
+    one = load_pretrained(tmp_path / "one_sd")
+    assert one.unet_config == pooled
     assert float(np.abs(one.params["unet"]["add_embedding"]["norm2"]["scale"]).max()) > 0   # the branch opens
     assert float(np.abs(eps(one) - eps(base)).max()) > 0
     cfg = json.loads((tmp_path / "one_sd" / "unet" / "config.json").read_text())
