@@ -246,7 +246,7 @@ def test_shapes_world_memory_source():
         np.testing.assert_array_equal(src[i]["image"], want["image"])
         assert src[i]["caption"] == want["caption"]
     assert len({c["caption"] for c in src}) > 1
-    with pytest.raises(ValueError, match=r"shapes_world_memory:N\[:KIND=FRACTION,...\] with N a number"):
+    with pytest.raises(ValueError, match=r"shapes_world_memory:N\[:KIND=FRACTION,...\]\[,renders=K\] with N a"):
         pl.open_source("shapes_world_memory:lots")
     with pytest.raises(ValueError, match="resolution one of"):
         pl.shapes_world_memory(4, resolution=48)
@@ -303,6 +303,67 @@ def test_array_source_batches_are_gathers_of_each_epoch(tok):
                                             tok).dataset)) for i in (0, 1)]
     assert not halves[0] & halves[1] and halves[0] | halves[1] == set(src.captions)
 
+
+def test_grouped_array_source_keeps_each_group_whole(tok):
+    # 12 groups of 4 records (renders of one caption): a batch of 8 is two whole groups in record order,
+    # the groups shuffled anew each epoch; hosts read disjoint groups; resuming is exact
+    n, g = 48, 4
+    src = pl.ArraySource(np.random.default_rng(0).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+                         [f"caption {i}" for i in range(n)], group=g)
+    index = lambda b: [int(c.split()[1]) for c in b["caption"]]  # noqa: E731
+    batches = list(pl.make_pipeline(src, config(global_batch=8, num_epochs=2), tok).dataset)
+    assert len(batches) == 12
+    for b in batches:
+        idx = index(b)
+        for lo in (0, 4):
+            assert idx[lo] % g == 0 and idx[lo:lo + 4] == list(range(idx[lo], idx[lo] + 4))
+        np.testing.assert_array_equal(b["image"], src.images[idx].astype(np.float32) / 127.5 - 1)
+    order = [index(b)[lo] // g for b in batches for lo in (0, 4)]
+    assert sorted(order[:12]) == sorted(order[12:]) == list(range(12))
+    assert order[:12] != list(range(12)) and order[:12] != order[12:]
+    halves = [{i // g for b in pl.make_pipeline(src, config(global_batch=8, num_epochs=1, shard_index=h,
+                                                            shard_count=2), tok).dataset for i in index(b)}
+              for h in (0, 1)]
+    assert not halves[0] & halves[1] and halves[0] | halves[1] == set(range(12))
+    it = iter(pl.make_pipeline(src, config(global_batch=8), tok).dataset)
+    take(it, 4)
+    blob = pl.state_to_bytes(it)
+    a = captions(take(it, 5))                        # crosses the epoch boundary
+    it2 = iter(pl.make_pipeline(src, config(global_batch=8), tok).dataset)
+    pl.restore_state(it2, blob)
+    assert captions(take(it2, 5)) == a
+    with pytest.raises(ValueError, match="different pipeline"):   # the same records, ungrouped
+        pl.restore_state(iter(pl.make_pipeline(array_source(48), config(global_batch=8), tok).dataset), blob)
+    with pytest.raises(ValueError, match=r"batch \(6\) must hold whole groups of 4"):
+        pl.make_pipeline(src, config(global_batch=6), tok)
+    with pytest.raises(ValueError, match="needs the in-memory array path"):
+        pl.make_pipeline(src, config(global_batch=8, resolution=16), tok)
+    with pytest.raises(ValueError, match="group must be >= 1 and divide the 48 records, got 5"):
+        pl.ArraySource(src.images, src.captions, group=5)
+
+
+def test_shapes_world_memory_renders_each_caption_several_times():
+    # renders=3: 4 captions (the kind mix applied to captions), each as 3 consecutive records: the
+    # example's own scene, then 2 other scenes of its caption; every render satisfies its caption
+    from jaxdiff.data import shapes_world as sw
+    from jaxdiff.eval import fidelity
+    src = pl.open_source("shapes_world_memory:12:relation=0.5,renders=3", resolution=64, split="validation")
+    assert len(src) == 12 and src.group == 3
+    caps = [src[i]["caption"] for i in range(12)]
+    assert all(caps[i] == caps[i - i % 3] for i in range(12)) and len(set(caps)) == 4
+    assert sorted(sw.parse_caption(c).kind for c in caps[::3]).count("relation") == 2
+    first = pl.open_source("shapes_world_memory:4:relation=0.5", resolution=64, split="validation")
+    for k in range(4):
+        assert first[k]["caption"] == caps[3 * k]
+        np.testing.assert_array_equal(first[k]["image"], src[3 * k]["image"])
+        group = [src[3 * k + j]["image"] for j in range(3)]
+        assert not np.array_equal(group[0], group[1]) or not np.array_equal(group[0], group[2])
+    assert all(fidelity.score(src[i]["image"], caps[i])["correct"] for i in range(12))
+    assert pl.open_source("shapes_world_memory:4:renders=2", resolution=32).group == 2
+    with pytest.raises(ValueError, match="renders must be >= 1 and divide n = 12, got 5"):
+        pl.open_source("shapes_world_memory:12:renders=5", resolution=32)
+    with pytest.raises(ValueError, match="renders must be a whole number"):
+        pl.open_source("shapes_world_memory:12:renders=2.5", resolution=32)
 
 def test_array_source_resumes_exactly(tok):
     src, cfg = array_source(30), config(global_batch=4)

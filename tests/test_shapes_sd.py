@@ -283,19 +283,28 @@ def test_relation_probe(recipe, tmp_path, capsys):
     measured = rp.object_pairs(3, 0)
     assert not set(measured) & set(rp.object_pairs(5, 1, exclude=measured)) and len(set(measured)) == 3
     assert all(a[0] != b[0] for a, b in measured)
-    for target in ("mean", "sample"):
+    for target, more in (("mean", []), ("sample", ["--anchor", "2", "--save", str(tmp_path / "fitted")])):
         out_json = tmp_path / f"{target}.json"
         assert rp.main(["--model", str(recipe / "sd"), "--resolution", "32", "--pairs", "1", "--renders", "2", "--noises", "2",
                         "--guidance", "1", "--fit-steps", "2", "--fit-pairs", "2", "--target", target,
-                        "--batch", "2", "--json", str(out_json)]) == 0
+                        "--batch", "2", "--json", str(out_json)] + more) == 0
         result = json.loads(out_json.read_text())
         assert result["fit"]["target"] == target and np.isfinite(result["fit"]["loss_last_10"])
+        assert result["fit"]["anchor"] == (2 if more else 0)
         rows = result["alignment"]
         assert sorted(rows) == ["above / below, w=1", "in the top left / in the bottom right, w=1",
                                 "to the left of / to the right of, w=1"]
         assert all(len(r["cosines"]) == 1 and -1 <= r["cosines"][0] <= 1 and r["captions"] == 2 for r in rows.values())
     assert "| above / below, w=1 |" in capsys.readouterr().out
+    # --save: the fitted UNet and text tower in a model folder beside the unchanged VAE
+    old, fitted = load_pretrained(recipe / "sd"), load_pretrained(tmp_path / "fitted")
+    changed = lambda k: any(not np.array_equal(a, b) for a, b in zip(  # noqa: E731
+        jax.tree.leaves(old.params[k]), jax.tree.leaves(fitted.params[k])))
+    assert changed("unet") and changed("text_encoder") and not changed("vae")
     for bad, match in ((["--pairs", "0"], "--pairs must be >= 1"),
+                       (["--save", str(tmp_path / "fitted")], "give --fit-steps too"),
+                       (["--fit-steps", "1", "--save", str(tmp_path / "fitted")], "exists and is not empty"),
+                       (["--anchor", "-1"], "--anchor must be >= 0"),
                        (["--json", str(tmp_path / "no" / "x.json")], "does not exist")):
         with pytest.raises(SystemExit):
             rp.main(["--model", str(tmp_path / "missing")] + bad)

@@ -112,6 +112,32 @@ def test_captions_follow_the_grammar_and_parse_back():
     assert not any(c.startswith("a orange") or " a orange" in c or c.startswith("an red") for c in caps)
 
 
+def test_scene_for_caption_keeps_what_the_caption_names_and_redraws_the_rest():
+    from jaxdiff.eval import fidelity
+    rng = np.random.default_rng(0)
+    for i in range(120):                           # every kind; each new scene satisfies the caption
+        scene = sw.sample_scene("train", i)
+        other = sw.scene_for_caption(scene.caption, rng)
+        assert other.caption == scene.caption and other.kind == scene.kind
+        assert fidelity.score(sw.render(other, 64), scene.caption)["correct"]
+        want = sw.parse_caption(scene.caption)
+        if want.background:
+            assert other.background == want.background
+        for o in want.objects if want.kind != "count" else ():
+            match = [x for x in other.objects if (x.colour, x.shape) == (o.colour, o.shape)]
+            assert match and all(getattr(match[0], k) == getattr(o, k) for k in ("size", "cell")
+                                 if getattr(o, k) is not None)
+    # what the caption leaves open is drawn afresh: cells of a relation, cell / size / background of a bare object
+    rel = [sw.scene_for_caption("a red circle above a blue square", rng) for _ in range(40)]
+    assert len({tuple(o.cell for o in s.objects) for s in rel}) >= 10
+    assert all(s.objects[0].centre[1] < s.objects[1].centre[1] for s in rel)
+    bare = [sw.scene_for_caption("a green star", rng) for _ in range(40)]
+    assert {s.objects[0].size for s in bare} == set(sw.SIZES) and len({s.background for s in bare}) == 3
+    assert len({s.objects[0].cell for s in bare}) >= 6
+    assert {len(sw.scene_for_caption("three pink crosses", rng).objects) for _ in range(3)} == {3}
+    with pytest.raises(ValueError, match="outside the shapes-world grammar"):
+        sw.scene_for_caption("A red circle", rng)
+
 @pytest.mark.parametrize("text, expected", [
     ("an orange circle", ("single", "orange", "circle", None, None)),
     ("a large orange circle", ("single", "orange", "circle", "large", None)),

@@ -251,6 +251,67 @@ def test_tiny_ldm_overfits_one_batch():
     assert last < first / 10, (first, last)
 
 
+def test_stable_target_x0_is_the_posterior_weighted_mean_of_same_prompt_latents():
+    from jaxdiff.train.tasks import stable_target_x0
+    rng = np.random.default_rng(0)
+    z0 = rng.standard_normal((6, 4, 4, 2)).astype(np.float32)
+    eps = rng.standard_normal(z0.shape).astype(np.float32)
+    ab = np.array([0.0, 0.02, 0.3, 0.5, 0.9, 0.999], np.float32)
+    x = np.sqrt(ab)[:, None, None, None] * z0 + np.sqrt(1 - ab)[:, None, None, None] * eps
+    same = np.zeros((6, 6), bool)
+    same[:3, :3] = same[3:, 3:] = True                            # two prompts, three renders each
+    got, self_w = stable_target_x0(jnp.asarray(z0), jnp.asarray(x), jnp.asarray(ab), jnp.asarray(same))
+    for i in range(6):                                            # brute force, in float64
+        refs = [j for j in range(6) if same[i, j]]
+        logp = np.array([-np.sum((x[i].astype(np.float64) - np.sqrt(ab[i]) * z0[j]) ** 2) / (2 * (1 - ab[i]))
+                         for j in refs])
+        w = np.exp(logp - logp.max())
+        w /= w.sum()
+        np.testing.assert_allclose(got[i], np.tensordot(w, z0[refs], 1), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(self_w[i], w[refs.index(i)], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[0], z0[:3].mean(0), rtol=1e-5, atol=1e-6)   # pure noise: the plain mean
+    np.testing.assert_allclose(got[5], z0[5], atol=1e-4)                          # nearly clean: its own
+    alone, w1 = stable_target_x0(jnp.asarray(z0), jnp.asarray(x), jnp.asarray(ab), jnp.zeros((6, 6), bool))
+    np.testing.assert_array_equal(alone, z0)                     # no other reference: the usual target
+    np.testing.assert_array_equal(w1, np.ones(6))
+
+
+def test_stable_target_changes_the_loss_only_where_prompts_repeat():
+    from jaxdiff import unet as U, vae as V
+    from jaxdiff.train import tasks
+    frozen, tcfg, ids = _tiny_ldm_parts()
+    cfg = dict(cond_dropout=0.0, prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    plain = tasks.ldm_task(tasks.LDMConfig(**cfg), U.PRESETS["tiny"], V.PRESETS["tiny"], tcfg, frozen, ids)
+    stf = tasks.ldm_task(tasks.LDMConfig(**cfg, stable_target=True), U.PRESETS["tiny"], V.PRESETS["tiny"], tcfg,
+                         frozen, ids)
+    params = nn.unbox(plain.init(jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.standard_normal((4, 16, 16, 3)), -1, 1).astype(np.float32)
+    distinct = np.tile(ids, (4, 1))
+    distinct[:, 1] = [320, 321, 322, 323]                        # four different prompts
+    key = jax.random.key(3)
+    loss = lambda task, tokens: task.loss(params, frozen, {"image": image, "tokens": tokens}, key)  # noqa: E731
+    (l_plain, _), (l_stf, m) = loss(plain, distinct), loss(stf, distinct)
+    np.testing.assert_allclose(l_stf, l_plain, rtol=1e-5)        # no prompt twice: the usual target
+    assert float(m["stf_self_weight"]) == pytest.approx(1.0)
+    repeated = distinct.copy()
+    repeated[:, 1] = [320, 320, 321, 321]                        # two prompts, two renders each
+    (l_plain2, _), (l_stf2, m2) = loss(plain, repeated), loss(stf, repeated)
+    assert abs(float(l_stf2) - float(l_plain2)) > 1e-3 * float(l_plain2)
+    assert 0.5 <= float(m2["stf_self_weight"]) < 1.0
+
+
+def _tiny_ldm_parts():
+    from jaxdiff import text as T, vae as V
+    from jaxdiff.convert.diffusers import COMPONENTS
+    tcfg = dataclasses.replace(T.PRESETS["tiny"], vocab_size=49408)
+    mk = lambda m, kind, cfg, seed: nn.unbox(m.init(jax.random.key(seed), *COMPONENTS[kind].dummy_inputs(cfg))["params"])  # noqa: E731
+    frozen = {"vae": mk(V.AutoencoderKL(V.PRESETS["tiny"]), "vae", V.PRESETS["tiny"], 1),
+              "text_encoder": mk(T.TextTransformer(tcfg), "text_encoder", tcfg, 2)}
+    ids = np.full((77,), 49407, np.int32)
+    ids[0] = 49406
+    return frozen, tcfg, ids
+
 def test_remat_gives_the_same_gradients():
     """nn.remat per block recomputes activations in the backward pass; the numbers must not change."""
     from jaxdiff import unet as U

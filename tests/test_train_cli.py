@@ -85,3 +85,21 @@ def test_workdir_check_ignores_resumable_keys_a_run_saved(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text()) == fingerprint
     with pytest.raises(TrainingError, match=r"optim.learning_rate"):
         check_workdir(tmp_path, {"optim.learning_rate": 1e-3}, resumable=cli.RESUMABLE_KEYS)
+
+
+def test_stable_target_run_on_several_renders_per_caption(tmp_path, capsys):
+    # ldm.stable_target needs batches with several renders of a caption: refused before anything is
+    # rendered or written on data with one; trains on shapes_world_memory:N:renders=K
+    with pytest.raises(SystemExit, match="several renders of one caption"):
+        cli.main(["--config", "configs/ldm_shapes_stf.py:smoke", "--workdir", str(tmp_path / "refused"),
+                  "--config.ldm.stable_target=True"])
+    assert not (tmp_path / "refused").exists()
+    work = tmp_path / "stf"
+    cli.main(["--config", "configs/ldm_shapes_stf.py:smoke", "--workdir", str(work), "--config.ldm.stable_target=True",
+              "--config.data.source=shapes_world_memory:32:relation=0.5,renders=4", "--config.loop.steps=2",
+              "--config.loop.log_every=1", "--config.loop.checkpoint_every=2"])
+    out = capsys.readouterr().out
+    weights = [float(part.split("=")[1]) for line in out.splitlines() if line.startswith("step ")
+               for part in line.split(", ") if part.startswith("stf_self_weight=")]
+    assert len(weights) == 2 and all(0.25 <= w < 1 for w in weights), out
+    assert "done: step 2" in out

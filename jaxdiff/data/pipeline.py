@@ -222,10 +222,22 @@ def make_pipeline(source, config: PipelineConfig = PipelineConfig(), tokenizer=N
     skips = SkipLog()
     per_host = cfg.global_batch // count
     collate = Collate(tokenizer, cfg.image_dtype)
-    if (isinstance(source, ArraySource) and source.images.shape[1:3] == (cfg.resolution, cfg.resolution)
-            and cfg.workers == 0):
+    group = getattr(source, "group", 1)
+    array_path = (isinstance(source, ArraySource) and source.images.shape[1:3] == (cfg.resolution, cfg.resolution)
+                  and cfg.workers == 0)
+    if group > 1:
+        if not array_path:
+            raise ValueError(f"a source in groups of {group} renders needs the in-memory array path: images at "
+                             f"the pipeline's resolution ({cfg.resolution}) and workers=0")
+        if per_host % group or (n // group) < count:
+            raise ValueError(f"each host's batch ({per_host}) must hold whole groups of {group} renders and "
+                             f"every host needs a group ({n // group} groups, {count} hosts)")
+        lo, hi = index * (n // group // count) * group, (index + 1) * (n // group // count) * group
+    if array_path:
         fingerprint = {"version": STATE_VERSION, "records": n, "shard": [index, count], "seed": cfg.seed,
                        "shuffle": cfg.shuffle, "workers": 0, "path": "array"}
+        if group > 1:
+            fingerprint["group"] = group
         ds = _ArrayDataset(source, lo, hi, per_host, cfg, collate, fingerprint)
         return Pipeline(ds, per_host, (index, count), hi - lo, skips, collate)
     # Decoding is lazy, so mapping it before the shard and shuffle (index arithmetic) costs nothing
@@ -292,7 +304,8 @@ def _check_fingerprint(state, fingerprint: dict) -> None:
     saved = state.get("pipeline") if isinstance(state, dict) else None
     if saved is None or "position" not in state:
         raise ValueError("not a jaxdiff input pipeline state (no 'pipeline' / 'position' keys)")
-    diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+    diff = {k: (saved.get(k), fingerprint.get(k)) for k in {**saved, **fingerprint}
+            if saved.get(k) != fingerprint.get(k)}
     if diff:
         said = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"the saved data position belongs to a different pipeline ({said}); "
@@ -307,16 +320,21 @@ class ArraySource:
     A random-access source like any other (`src[i]` -> {"image", "caption"}), and `make_pipeline`
     batches it without per-example work: each batch is one gather from the array (its shuffle is
     its own, not grain's; the state is again one element index, so resuming is exact).
+
+    ``group`` > 1: records come in groups of that many consecutive ones (several renders of one caption),
+    which the pipeline keeps together: it shuffles groups, and every batch holds whole groups.
     """
 
-    def __init__(self, images: np.ndarray, captions):
+    def __init__(self, images: np.ndarray, captions, group: int = 1):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"ArraySource images must be uint8 [N, S, S, 3], got {images.dtype} {images.shape}")
         captions = [caption_text(c) for c in captions]
         if len(captions) != len(images):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        self.images, self.captions = images, captions
+        if group < 1 or len(images) % group:
+            raise ValueError(f"ArraySource group must be >= 1 and divide the {len(images)} records, got {group}")
+        self.images, self.captions, self.group = images, captions, int(group)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -355,9 +373,12 @@ class _ArrayIterator:
         # batches, so the cache is replaced whole (never mutated) and the local result returned.
         perm = self._perms.get(epoch)
         if perm is None:
-            n = self.ds.n
+            g = self.ds.source.group
+            n = self.ds.n // g
             perm = (np.random.default_rng([_shuffle_seed(self.ds.cfg.seed), epoch]).permutation(n)
                     if self.ds.cfg.shuffle else np.arange(n))
+            if g > 1:                      # whole groups, in order within each
+                perm = (perm[:, None] * g + np.arange(g)).reshape(-1)
             self._perms = {**{e: p for e, p in self._perms.items() if e >= epoch - 1}, epoch: perm}
         return perm
 
@@ -430,10 +451,18 @@ def synthetic_source(n: int = 1024, resolution: int = 64, seed: int = 0) -> list
 
 
 def _shapes_chunk(args) -> tuple[np.ndarray, list[str]]:
+    """Examples ``indices`` of a split; with renders > 1 each is followed by renders - 1 other scenes of its
+    caption, scene j of example i drawn from ``default_rng([seed, split id, i, j])``."""
     from jaxdiff.data import shapes_world as sw
-    split, indices, seed, resolution = args
-    examples = [sw.example(split, int(i), seed, resolution) for i in indices]
-    return np.stack([e["image"] for e in examples]), [e["caption"] for e in examples]
+    split, indices, seed, resolution, renders = args
+    images, captions = [], []
+    for i in indices:
+        scene = sw.sample_scene(split, int(i), seed)
+        more = [sw.scene_for_caption(scene.caption, np.random.default_rng([seed, sw.SPLITS[split], int(i), j]))
+                for j in range(1, renders)]
+        images += [sw.render(s, resolution) for s in (scene, *more)]
+        captions += [scene.caption] * renders
+    return np.stack(images), captions
 
 
 def kind_quotas(n: int, mix: dict[str, float]) -> dict[str, int]:
@@ -485,7 +514,7 @@ def parse_kind_mix(text: str) -> dict[str, float]:
 
 def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed: int = 0,
                         workers: int | None = None, progress: bool = True,
-                        kinds: dict[str, float] | None = None) -> ArraySource:
+                        kinds: dict[str, float] | None = None, renders: int = 1) -> ArraySource:
     """Examples 0..n-1 of a shapes_world split rendered into memory, in processes: no TFDS build needed.
 
     Record i equals record i of a TFDS build with the same seed (`jaxdiff data build`), whose default
@@ -494,6 +523,11 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
     `kinds` ({"relation": 0.5, ...}) changes the mix of scene kinds (equal by default): the source holds
     the split's first examples of each kind, in index order, up to the kind's share of n (kinds not
     named share the rest equally), so record i is no longer example i.
+
+    `renders` > 1: n / renders captions (chosen as above), each rendered `renders` times (the example's
+    own scene, then other scenes of its caption: `shapes_world.scene_for_caption`), as one group of
+    consecutive records that the pipeline keeps in one batch (`ArraySource.group`): what the stable
+    target field (`ldm.stable_target`) averages over.
     """
     import multiprocessing
     import os
@@ -503,13 +537,16 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
     from jaxdiff.data import shapes_world as sw
     if n < 1:
         raise ValueError(f"shapes_world_memory needs n >= 1 examples, got {n}")
+    if renders < 1 or n % renders:
+        raise ValueError(f"shapes_world_memory: renders must be >= 1 and divide n = {n}, got {renders}")
     if split not in sw.SPLITS or resolution not in sw.RESOLUTIONS:
         raise ValueError(f"split must be one of {sorted(sw.SPLITS)} and resolution one of {sw.RESOLUTIONS}, "
                          f"got {split!r}, {resolution}")
     workers = workers or max(1, min(32, (os.cpu_count() or 1) - 1))
-    indices = _indices_by_kind(split, n, seed, kinds) if kinds else np.arange(n)
-    step = max(1, min(2000, -(-n // (4 * workers))))
-    chunks = [(split, indices[lo:lo + step], seed, resolution) for lo in range(0, n, step)]
+    captions_n = n // renders
+    indices = _indices_by_kind(split, captions_n, seed, kinds) if kinds else np.arange(captions_n)
+    step = max(1, min(2000 // renders, -(-captions_n // (4 * workers))))
+    chunks = [(split, indices[lo:lo + step], seed, resolution, renders) for lo in range(0, captions_n, step)]
     images = np.empty((n, resolution, resolution, 3), np.uint8)
     captions: list[str] = []
     bar = None
@@ -535,13 +572,14 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
             take(*_shapes_chunk(chunk))
     if bar is not None:
         bar.close()
-    return ArraySource(images, captions)
+    return ArraySource(images, captions, group=renders)
 
 
 def open_source(spec: str, resolution: int = 64, split: str = "train"):
     """`folder:DIR` | `shapes_world:DATA_DIR` (the TFDS build at `resolution`) | `shapes_world_memory:N`
     (the split's first N examples rendered into memory; no build) | `shapes_world_memory:N:relation=0.5,...`
-    (N examples with that mix of scene kinds) | `synthetic[:N]`."""
+    (N examples with that mix of scene kinds; `,renders=K` or `:renders=K`: N / K captions rendered K times
+    each, kept together in batches) | `synthetic[:N]`."""
     kind, _, arg = spec.partition(":")
     if kind == "folder" and arg:
         from jaxdiff.data.folder import open_folder
@@ -562,9 +600,13 @@ def open_source(spec: str, resolution: int = 64, split: str = "train"):
         try:
             n = int(count.replace("_", ""))
         except ValueError:
-            raise ValueError(f"{spec!r}: expected shapes_world_memory:N[:KIND=FRACTION,...] with N a number "
-                             "of examples") from None
-        return shapes_world_memory(n, resolution, split, kinds=parse_kind_mix(mix) if mix else None)
+            raise ValueError(f"{spec!r}: expected shapes_world_memory:N[:KIND=FRACTION,...][,renders=K] with N a "
+                             "number of examples") from None
+        kinds = parse_kind_mix(mix) if mix else {}
+        renders = kinds.pop("renders", 1)
+        if renders != int(renders):
+            raise ValueError(f"{spec!r}: renders must be a whole number, got {renders}")
+        return shapes_world_memory(n, resolution, split, kinds=kinds or None, renders=int(renders))
     if kind == "synthetic":
         return synthetic_source(int(arg) if arg else 1024, resolution)
     raise ValueError(f"unknown source {spec!r}: expected folder:DIR, shapes_world:DATA_DIR, shapes_world_memory:N "

@@ -158,6 +158,25 @@ def sample_scene(split: str, index: int, seed: int = 0) -> Scene:
     return Scene(kind, background, objs, f"{word} {colour} {plural(shape)}")
 
 
+def scene_for_caption(caption: str, rng) -> Scene:
+    """Another scene that ``caption`` describes: what the caption leaves open (cells, sizes, background,
+    jitter) drawn as `sample_scene` draws it, from ``rng`` (a numpy Generator). Training with several
+    renders per caption (`jaxdiff.data.pipeline.shapes_world_memory`'s ``renders``) uses it."""
+    p = parse_caption(caption)
+    background = p.background or _pick(rng, tuple(BACKGROUNDS))
+    if p.kind == "relation":
+        cells = _relation_cells(rng, p.relation)
+        objs = tuple(_object(rng, o.colour, o.shape, "small", c) for o, c in zip(p.objects, cells))
+        return Scene("relation", background, objs, p.text, p.relation)
+    o = p.objects[0]
+    if p.kind == "count":
+        free = list(range(9))
+        cells = [free.pop(min(int(rng.random() * len(free)), len(free) - 1)) for _ in range(p.count)]
+        return Scene("count", background, tuple(_object(rng, o.colour, o.shape, "small", c) for c in cells), p.text)
+    size = o.size or _pick(rng, tuple(SIZES))
+    cell = o.cell if o.cell is not None else _pick(rng, range(9))
+    return Scene(p.kind, background, (_object(rng, o.colour, o.shape, size, cell),), p.text)
+
 def labels(scene: Scene) -> dict:
     """The structured labels as fixed-size arrays (objects padded to MAX_OBJECTS with -1 / 0)."""
     n = len(scene.objects)

@@ -1,5 +1,5 @@
 """Does a shapes-world model's conditional mean follow the relation word? Measured at t = T, where the
-layout is decided (docs/shapes_sd.md, attempt 11).
+layout is decided (docs/shapes_sd.md, attempts 11 and 12).
 
     python -m jaxdiff.eval.relation_probe --model models/shapes_sd
     python -m jaxdiff.eval.relation_probe --model models/shapes_sd --fit-steps 300 --target mean --json out.json
@@ -16,7 +16,13 @@ same at every w > 0; the nearer-own counts are not.
 ``--fit-steps N`` first trains the UNet and text tower N steps (AdamW, batch ``--batch``) at t in
 [T - 20, T) on relation captions of other object pairs, the v / epsilon target built either from one render
 per example (``--target sample``: the usual, noisy target) or from the caption's data mean
-(``--target mean``: noise-free), then measures the trained copy. Nothing is written but ``--json``.
+(``--target mean``: noise-free), then measures the trained copy. ``--anchor M`` adds M examples of ordinary
+training to every batch (every kind, t uniform, one render each), so that the fit must keep the rest of the
+model (attempt 12). Nothing is written but ``--json`` and, with ``--save DIR``, the fitted model (to sample
+it with ``jaxdiff txt2img --model DIR``).
+
+    python -m jaxdiff.eval.relation_probe --model models/shapes_sd --fit-steps 300 --target mean --anchor 64 \
+        --save /tmp/fitted
 """
 from __future__ import annotations
 
@@ -174,10 +180,13 @@ def _caption_fn(axis, a, b):
 
 
 def fit_terminal(probe: Probe, pairs, *, target: str, steps: int, batch: int = 64, lr: float = 3e-4,
-                 renders: int = 48, seed: int = 0, progress: bool = True):
+                 renders: int = 48, seed: int = 0, progress: bool = True, anchor: int = 0,
+                 cond_dropout: float = 0.1):
     """The model's UNet and text tower trained ``steps`` steps at t in [T - 20, T) on the relation captions
     of ``pairs``, the target from one render per example ("sample") or the caption's data mean ("mean").
-    Returns (params, losses every step)."""
+    ``anchor`` > 0 adds that many examples of ordinary training to every batch (train-split scenes of every
+    kind, t uniform over [0, T), one render each, ``cond_dropout`` of them on the empty caption), which keeps
+    the rest of the model while the relation is fitted. Returns (params, losses every step)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -195,10 +204,14 @@ def fit_terminal(probe: Probe, pairs, *, target: str, steps: int, batch: int = 6
     state = opt.init(params)
     size = probe.resolution
 
+    empty = np.asarray(probe.model.tokenizer([""]))[0]
+
     @jax.jit
-    def step(params, state, tok, z0, key):
-        k1, k2 = jax.random.split(key)
-        t = jax.random.randint(k1, (tok.shape[0],), probe.T - 20, probe.T)
+    def step(params, state, tok, z0, key, n_anchor):
+        k1, k2, k3 = jax.random.split(key, 3)
+        n = tok.shape[0]
+        t = jax.random.randint(k1, (n,), probe.T - 20, probe.T)
+        t = jnp.where(jnp.arange(n) >= n - n_anchor, jax.random.randint(k3, (n,), 0, probe.T), t)
         eps = jax.random.normal(k2, z0.shape)
         a = probe.alphas[t][:, None, None, None]
         x = jnp.sqrt(a) * z0 + jnp.sqrt(1 - a) * eps
@@ -212,15 +225,19 @@ def fit_terminal(probe: Probe, pairs, *, target: str, steps: int, batch: int = 6
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, value
 
+    encode = lambda scenes: np.asarray(probe.encode(probe.model.params["vae"], jnp.asarray(  # noqa: E731
+        np.stack([W.render(sc, size) for sc in scenes]), jnp.float32) / 127.5 - 1))
     losses = []
     for i in tqdm(range(steps), desc=f"fitting at t = T ({target} target)", disable=not progress):
         idx = rng.integers(0, len(caps), batch)
-        if means is not None:
-            z0 = means[idx]
-        else:
-            imgs = np.stack([W.render(_relation_scene(rng, *caps[j]), size) for j in idx])
-            z0 = np.asarray(probe.encode(probe.model.params["vae"], jnp.asarray(imgs, jnp.float32) / 127.5 - 1))
-        params, state, value = step(params, state, jnp.asarray(ids[idx]), jnp.asarray(z0), jax.random.key(i))
+        z0 = means[idx] if means is not None else encode([_relation_scene(rng, *caps[j]) for j in idx])
+        tok = ids[idx]
+        if anchor:
+            scenes = [W.sample_scene("train", int(j), seed) for j in rng.integers(0, 10 ** 6, anchor)]
+            a_ids = np.asarray(probe.model.tokenizer([sc.caption for sc in scenes]))
+            a_ids[rng.random(anchor) < cond_dropout] = empty
+            z0, tok = np.concatenate([z0, encode(scenes)]), np.concatenate([tok, a_ids])
+        params, state, value = step(params, state, jnp.asarray(tok), jnp.asarray(z0), jax.random.key(i), anchor)
         losses.append(float(value))
     return params, losses
 
@@ -236,18 +253,26 @@ def main(argv=None):
     ap.add_argument("--fit-steps", type=int, default=0, help="train this many steps at t = T first")
     ap.add_argument("--fit-pairs", type=int, default=60, help="object pairs trained on (none of those measured)")
     ap.add_argument("--target", choices=("sample", "mean"), default="sample")
+    ap.add_argument("--anchor", type=int, default=0,
+                    help="with --fit-steps: this many examples of ordinary training (every t, every kind) per batch")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--save", help="with --fit-steps: write the fitted model here (a model folder, as --model)")
+    ap.add_argument("--overwrite", action="store_true", help="let --save replace an existing folder")
     args = ap.parse_args(argv)
     for name in ("pairs", "renders", "noises", "batch"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1")
-    if args.fit_steps < 0 or args.fit_pairs < 1:
-        ap.error("--fit-steps must be >= 0 and --fit-pairs >= 1")
+    if args.fit_steps < 0 or args.fit_pairs < 1 or args.anchor < 0:
+        ap.error("--fit-steps and --anchor must be >= 0 and --fit-pairs >= 1")
     if args.json and not Path(args.json).parent.is_dir():
         ap.error(f"--json: folder {Path(args.json).parent} does not exist")
+    if args.save and not args.fit_steps:
+        ap.error("--save writes the fitted model: give --fit-steps too")
+    if args.save and Path(args.save).exists() and any(Path(args.save).iterdir()) and not args.overwrite:
+        ap.error(f"--save: {args.save} exists and is not empty (pass --overwrite to replace it)")
     from jaxdiff.pretrained import load_pretrained
     try:
         probe = Probe(load_pretrained(args.model), args.resolution)
@@ -259,13 +284,20 @@ def main(argv=None):
     if args.fit_steps:
         fit = object_pairs(args.fit_pairs, args.seed + 1, exclude=measured)
         params, losses = fit_terminal(probe, fit, target=args.target, steps=args.fit_steps, batch=args.batch,
-                                      lr=args.lr, seed=args.seed)
+                                      lr=args.lr, seed=args.seed, anchor=args.anchor)
         params = {**probe.model.params, **params}
         result["fit"] = {"target": args.target, "steps": args.fit_steps, "pairs": len(fit), "lr": args.lr,
-                         "batch": args.batch, "loss_first_10": float(np.mean(losses[:10])),
+                         "batch": args.batch, "anchor": args.anchor, "loss_first_10": float(np.mean(losses[:10])),
                          "loss_last_10": float(np.mean(losses[-10:]))}
         print(f"fit ({args.target} target): loss {result['fit']['loss_first_10']:.4f} -> "
               f"{result['fit']['loss_last_10']:.4f} (means of the first and last 10 steps)")
+        if args.save:
+            import dataclasses
+
+            from jaxdiff.pretrained import save_pretrained
+            save_pretrained(dataclasses.replace(probe.model, params=params), args.save,
+                            tokenizer_folder=Path(args.model) / "tokenizer", overwrite=args.overwrite)
+            print(f"wrote the fitted model to {args.save}")
     result["alignment"] = alignment(probe, params, measured, tuple(args.guidance), args.renders, args.noises,
                                     args.seed)
     result["seconds"] = round(time.perf_counter() - t0, 1)

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -367,6 +368,11 @@ def main(argv=None):
         raise SystemExit(f"jaxdiff train: mesh.rules {config.mesh.rules!r}: choose one of {sorted(sh.RULE_SETS)}")
     rules = sh.RULE_SETS[config.mesh.rules]
     mesh = sh.make_mesh(tuple(config.mesh.shape))
+    renders = re.search(r"[:,]renders=(\d+)", config.data.source)
+    if config.task == "ldm" and config.ldm.get("stable_target") and (renders is None or int(renders[1]) < 2):
+        raise SystemExit(f"jaxdiff train: ldm.stable_target averages the targets of several renders of one caption "
+                         f"in a batch, and data.source {config.data.source!r} has one per caption: use "
+                         "shapes_world_memory:N:...,renders=K (K >= 2)")
     source = pl.open_source(config.data.source, resolution=config.data.resolution)
     fingerprint = {k: v for k, v in _flatten(json_safe(config.to_dict())).items() if k not in RESUMABLE_KEYS}
     workdir.mkdir(parents=True, exist_ok=True)

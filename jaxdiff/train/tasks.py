@@ -33,6 +33,11 @@ class LDMConfig:
     # scripts call this a "later" timestep bias): the noisiest steps, where the prompt alone decides the layout
     timestep_bias_portion: float = 0.0
     timestep_bias_begin: int = 0
+    # Xu et al. 2023's stable target field: the x0 in the target is the posterior-weighted mean of the batch's
+    # latents with the same prompt (`stable_target_x0`), not the example's own. Needs batches holding several
+    # renders per caption (`shapes_world_memory:N:...,renders=K`): at high noise, where one render is a poor
+    # guess of E[z0 | caption], the target averages over them
+    stable_target: bool = False
 
 
 def _init_like(module, kind, config, key, init_params=None):
@@ -62,6 +67,22 @@ def sample_timesteps(key, n: int, cfg: LDMConfig):
         late = jax.random.randint(k_late, (n,), cfg.timestep_bias_begin, cfg.num_train_timesteps)
         t = jnp.where(jax.random.uniform(k_pick, (n,)) < cfg.timestep_bias_portion, late, t)
     return t
+
+
+def stable_target_x0(z0, x_t, alpha_bar, same):
+    """The stable target field's x0 (Xu et al. 2023): for each example i, the mean of the references z0_j
+    (j with ``same[i, j]``; i itself always) weighted by p(x_t_i | z0_j) = N(sqrt(ab_i) z0_j, (1 - ab_i) I),
+    i.e. by softmax_j(-|x_t_i - sqrt(ab_i) z0_j|^2 / (2 (1 - ab_i))). Near t = 0 that is z0_i itself;
+    near pure noise the references' mean. z0, x_t [B, ...], alpha_bar [B], same [B, B] bool.
+    Returns (x0 [B, ...], the weight each example gives itself [B])."""
+    b = z0.shape[0]
+    z, x = z0.reshape(b, -1).astype(jnp.float32), x_t.reshape(b, -1).astype(jnp.float32)
+    ab = alpha_bar.astype(jnp.float32)[:, None]
+    d = (jnp.sum(x ** 2, 1)[:, None] - 2 * jnp.sqrt(ab) * (x @ z.T) + ab * jnp.sum(z ** 2, 1)[None, :])
+    logits = -d / (2 * (1 - ab))
+    mask = same | jnp.eye(b, dtype=bool)
+    w = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=1)
+    return (w @ z).reshape(z0.shape).astype(z0.dtype), jnp.diagonal(w)
 
 
 def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict, uncond_ids: np.ndarray,
@@ -124,6 +145,15 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
         x_t = jnp.sqrt(ab) * z0 + jnp.sqrt(1 - ab) * eps
         out = unet.apply({"params": unet_params}, x_t, t, ctx).astype(jnp.float32)
         # 4. the target, and per-sample mean squared error
+        metrics = {}
+        if cfg.stable_target:
+            # references: the batch's examples with the same prompt, none for the dropped (empty) ones
+            same = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1) & ~drop[:, None] & ~drop[None, :]
+            z0_hat, self_weight = stable_target_x0(z0, x_t, ab[:, 0, 0, 0], same)
+            z0_hat = jax.lax.stop_gradient(z0_hat)
+            eps = (x_t - jnp.sqrt(ab) * z0_hat) / jnp.sqrt(1 - ab)          # the noise that target implies
+            z0 = z0_hat
+            metrics["stf_self_weight"] = jnp.mean(self_weight)
         target = {"epsilon": eps, "sample": z0,
                   "v_prediction": jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * z0}[cfg.prediction_type]
         mse = jnp.mean((out - target) ** 2, axis=(1, 2, 3))
@@ -133,7 +163,7 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
             snr = ab[:, 0, 0, 0] / (1 - ab[:, 0, 0, 0])
             clipped = jnp.minimum(snr, cfg.min_snr_gamma)
             w = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[cfg.prediction_type]
-        return jnp.mean(w * mse), {"mse": jnp.mean(mse)}
+        return jnp.mean(w * mse), {"mse": jnp.mean(mse), **metrics}
 
     sample = None
     if sample_ids is not None:
