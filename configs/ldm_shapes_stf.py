@@ -16,6 +16,12 @@ timesteps are drawn from [950, 1000), half the captions are relation captions an
 (as stage 6). A first run with 8 renders of 8 captions and half the timesteps in [850, 1000) (lr 1.5e-4)
 had not moved the probe by step 1,000 (runs/ldm_shapes_stf8's log): with 8 renders the target's variance at
 t ~ T falls 8-fold, not 48-fold, and a fifth of its examples were relation captions at t >= 920.
+
+Run (session 15, 2 CPU cores, 0.75 steps/s): stopped at step 350; the probe on the raw params at step 250
+had not moved (above / below -0.06, left / right -0.05) and position had fallen from 0.86 to 0.34 (two
+captions per batch). Attempt 12 then found that even a relation learned at t ~ T does not carry into the
+samples, so this recipe was not run further on the CPU; for a GPU, more captions per batch (batch 512 =
+64 captions x 8 renders) and 10,000+ steps.
 """
 import ldm_shapes_rel
 

@@ -385,6 +385,33 @@ def test_study_tables_and_plot(recipe, tmp_path):
     ET.fromstring(study.svg_plot(rows))                                  # well-formed SVG
 
 
+def test_quick_check(recipe, tmp_path, capsys):
+    """python -m jaxdiff.eval.study --quick: one w, the first captions of a kind, printed and in the JSON."""
+    from jaxdiff.data import shapes_world as sw
+    from jaxdiff.eval import study
+    caps = study.captions_of("validation", 3, "relation")
+    assert len(caps) == 3 and all(sw.parse_caption(c).kind == "relation" for c in caps)
+    assert caps[0] == next(s.caption for s in map(lambda i: sw.sample_scene("validation", i), range(50))
+                           if s.kind == "relation")
+    out = tmp_path / "quick.json"
+    assert study.main(["--model", str(recipe / "sd"), "--quick", "--kind", "relation", "--n", "3", "--heldout", "1",
+                       "--steps", "2", "--guidance", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["split"], r["n"], r["guidance"], r["kind"]) for r in rows] == [("validation", 3, 2.0, "relation"),
+                                                                            ("heldout", 1, 2.0, "relation")]
+    assert all(0 <= r["fidelity"] <= 1 and set(r["by_kind"]) >= {"relation"} for r in rows)
+    assert "validation relation (3) w=2: fidelity" in capsys.readouterr().out
+    for bad, match in ((["--quick", "--out", str(tmp_path)], "--out DIR for the study, or --quick"),
+                       (["--out", str(tmp_path), "--kind", "relation"], "belong to --quick"),
+                       (["--quick", "--kind", "relations"], "expected one of"),
+                       (["--quick", "--n", "0", "--heldout", "0"], "not both 0")):
+        with pytest.raises(SystemExit):
+            study.main(["--model", str(tmp_path / "missing")] + bad)
+        assert match in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown scene kind"):
+        study.captions_of("validation", 1, "relations")
+
+
 def test_recolour_keeps_every_other_word():
     from jaxdiff.data import shapes_world as sw
     from jaxdiff.eval.study import recolour

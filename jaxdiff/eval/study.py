@@ -2,6 +2,11 @@
 and SDEdit recolouring per strength.
 
     python -m jaxdiff.eval.study --model models/shapes_sd --out docs/shapes_sd [--n 500 --heldout 300]
+    python -m jaxdiff.eval.study --model models/shapes_sd --quick [--kind relation] [--n 200 --heldout 100]
+
+``--quick`` is the short check docs/shapes_sd.md quotes between studies: one guidance weight (``--guidance``,
+default 3), no Frechet or SDEdit, the first n captions of validation (of one scene kind with ``--kind``: the
+first 200 relation captions are "relation 200") and of heldout; printed, and written with ``--json``.
 
 Prompts are the captions of validation (and held-out) examples 0 .. n-1; image i uses seed i; the
 Frechet reference is the renders of those same examples. Writes study.json, study.md (the tables)
@@ -37,6 +42,43 @@ def generate(pipe, prompts, guidance, steps, sampler, seed=0, batch=125, image=N
             imgs = pipe.img2img(part.astype(np.float32) / 255.0, chunk + chunk[-1:] * pad, strength=strength, **kw)
         out.append(np.clip(np.round(np.asarray(imgs)[:len(chunk)] * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out)
+
+
+def captions_of(split: str, n: int, kind: str | None = None) -> list[str]:
+    """The captions of the first n examples of ``split`` (of scene kind ``kind`` if given)."""
+    from jaxdiff.data import shapes_world as sw
+    if kind is not None and kind not in sw.KINDS:
+        raise ValueError(f"unknown scene kind {kind!r}: expected one of {list(sw.KINDS)}")
+    out, i = [], 0
+    while len(out) < n:
+        scene = sw.sample_scene(split, i)
+        if kind is None or scene.kind == kind:
+            out.append(scene.caption)
+        i += 1
+    return out
+
+
+def quick_check(pipe, n_val, n_heldout, guidance=3.0, kind=None, steps=25, sampler="ddim", log=print) -> list:
+    """Fidelity at one guidance weight on the first captions of each split (of one kind if given)."""
+    from jaxdiff.eval import fidelity
+    rows = []
+    for split, n in (("validation", n_val), ("heldout", n_heldout)):
+        if not n:
+            continue
+        t = time.perf_counter()
+        prompts = captions_of(split, n, kind)
+        rep = fidelity.evaluate(generate(pipe, prompts, guidance, steps, sampler), prompts)
+        rows.append({"split": split, "kind": kind, "n": n, "guidance": guidance, "fidelity": rep["overall"]["accuracy"],
+                     "by_kind": {k: v["accuracy"] for k, v in rep["by_kind"].items()},
+                     "by_attribute": {k: v["accuracy"] for k, v in rep["by_attribute"].items()},
+                     "diagnostics": rep["diagnostics"], "seconds": time.perf_counter() - t})
+        order = rep["diagnostics"].get("relation_order") or {}
+        log(f"{split:10s} {kind or 'all kinds'} ({n}) w={guidance:g}: fidelity {100 * rows[-1]['fidelity']:5.1f} %"
+            + "".join(f", {k} {100 * v:.1f} %" for k, v in rows[-1]["by_kind"].items() if v is not None)
+            + (f"; relation order named / reversed / neither {order.get('named')} / {order.get('reversed')} / "
+               f"{order.get('neither')} of {order.get('both_drawn')} with both objects" if order else "")
+            + f" ({rows[-1]['seconds']:.0f} s)")
+    return rows
 
 
 def recolour(scene, rng):
@@ -171,9 +213,13 @@ def svg_plot(rows) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m jaxdiff.eval.study", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/shapes_sd")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--n", type=int, default=500, help="validation prompts")
-    ap.add_argument("--heldout", type=int, default=300, help="held-out prompts")
+    ap.add_argument("--out", help="the study's folder (not with --quick)")
+    ap.add_argument("--n", type=int, help="validation prompts (default 500; --quick: 200)")
+    ap.add_argument("--heldout", type=int, help="held-out prompts (default 300; --quick: 100)")
+    ap.add_argument("--quick", action="store_true", help="one guidance weight, fidelity only (see above)")
+    ap.add_argument("--kind", help="--quick: only captions of this scene kind (single, relation, count, background)")
+    ap.add_argument("--guidance", type=float, default=3.0, help="--quick: the guidance weight")
+    ap.add_argument("--json", help="--quick: write the rows here")
     ap.add_argument("--sdedit", type=int, default=200, help="images recoloured per strength")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--sampler", default="ddim")
@@ -181,14 +227,37 @@ def main(argv=None):
     ap.add_argument("--guidance-rescale", type=float, default=0.0,
                     help="Lin et al.'s CFG rescale (0.7 for zero-terminal-SNR models; 0: plain CFG)")
     args = ap.parse_args(argv)
+    if args.quick == bool(args.out):
+        ap.error("give --out DIR for the study, or --quick for the short check")
+    if not args.quick and (args.kind or args.json):
+        ap.error("--kind and --json belong to --quick")
+    from jaxdiff.data import shapes_world as sw
+    if args.kind is not None and args.kind not in sw.KINDS:
+        ap.error(f"--kind {args.kind!r}: expected one of {list(sw.KINDS)}")
+    n_val = args.n if args.n is not None else (200 if args.quick else 500)
+    n_held = args.heldout if args.heldout is not None else (100 if args.quick else 300)
+    if n_val < 0 or n_held < 0 or n_val + n_held == 0:
+        ap.error("--n and --heldout must be >= 0, and not both 0")
+    if args.json and not Path(args.json).parent.is_dir():
+        ap.error(f"--json: folder {Path(args.json).parent} does not exist")
     from jaxdiff.pipeline import Pipeline
+    if args.quick:
+        pipe = Pipeline.from_pretrained(args.model)
+        rows = quick_check(pipe, n_val, n_held, args.guidance, args.kind, args.steps, args.sampler)
+        if args.json:
+            tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
+            tmp.write_text(json.dumps({"model": args.model, "steps": args.steps, "sampler": args.sampler,
+                                       "rows": rows}, indent=1))
+            tmp.replace(args.json)
+            print(f"wrote {args.json}")
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_pretrained(args.model)
     t = time.perf_counter()
     result = {"model": args.model, "steps": args.steps, "sampler": args.sampler,
               "sdedit_guidance": args.sdedit_guidance, "guidance_rescale": args.guidance_rescale,
-              "guidance": guidance_study(pipe, args.n, args.heldout, args.steps, args.sampler,
+              "guidance": guidance_study(pipe, n_val, n_held, args.steps, args.sampler,
                                          guidance_rescale=args.guidance_rescale),
               "sdedit": sdedit_study(pipe, args.sdedit, args.steps, args.sampler, args.sdedit_guidance,
                                      guidance_rescale=args.guidance_rescale)}
