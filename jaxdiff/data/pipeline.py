@@ -212,9 +212,11 @@ def make_pipeline(source, config: PipelineConfig = PipelineConfig(), tokenizer=N
     n = len(source)
     if n == 0:
         raise ValueError("the data source is empty")
-    lo, hi = _shard_bounds(n, index, count)
+    group = getattr(source, "group", 1)                # hosts get whole groups (1: records)
+    lo, hi = (group * b for b in _shard_bounds(n // group, index, count))
     if hi == lo:
-        raise ValueError(f"{n} records cannot be shared by {count} hosts (each needs at least one)")
+        raise ValueError(f"{n} records cannot be shared by {count} hosts (each needs at least one"
+                         + (f" group of {group})" if group > 1 else ")"))
     if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
         from jaxdiff.tokenizer import Tokenizer
         tokenizer = Tokenizer(tokenizer)
@@ -222,17 +224,14 @@ def make_pipeline(source, config: PipelineConfig = PipelineConfig(), tokenizer=N
     skips = SkipLog()
     per_host = cfg.global_batch // count
     collate = Collate(tokenizer, cfg.image_dtype)
-    group = getattr(source, "group", 1)
     array_path = (isinstance(source, ArraySource) and source.images.shape[1:3] == (cfg.resolution, cfg.resolution)
                   and cfg.workers == 0)
     if group > 1:
         if not array_path:
             raise ValueError(f"a source in groups of {group} renders needs the in-memory array path: images at "
                              f"the pipeline's resolution ({cfg.resolution}) and workers=0")
-        if per_host % group or (n // group) < count:
-            raise ValueError(f"each host's batch ({per_host}) must hold whole groups of {group} renders and "
-                             f"every host needs a group ({n // group} groups, {count} hosts)")
-        lo, hi = index * (n // group // count) * group, (index + 1) * (n // group // count) * group
+        if per_host % group:
+            raise ValueError(f"each host's batch ({per_host}) must hold whole groups of {group} renders")
     if array_path:
         fingerprint = {"version": STATE_VERSION, "records": n, "shard": [index, count], "seed": cfg.seed,
                        "shuffle": cfg.shuffle, "workers": 0, "path": "array"}
@@ -575,6 +574,22 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
     return ArraySource(images, captions, group=renders)
 
 
+def _renders(spec: str, kinds: dict) -> int:
+    """Pops `renders` (default 1) from a shapes_world_memory spec's parsed mix: a whole number."""
+    renders = kinds.pop("renders", 1)
+    if renders != int(renders):
+        raise ValueError(f"{spec!r}: renders must be a whole number, got {renders}")
+    return int(renders)
+
+
+def renders_per_caption(spec: str) -> int:
+    """How many renders of each caption the source `spec` holds together (1 unless
+    `shapes_world_memory:N:...,renders=K`); read from the spec, without opening the source."""
+    kind, _, arg = spec.partition(":")
+    mix = arg.partition(":")[2]
+    return _renders(spec, parse_kind_mix(mix)) if kind == "shapes_world_memory" and mix else 1
+
+
 def open_source(spec: str, resolution: int = 64, split: str = "train"):
     """`folder:DIR` | `shapes_world:DATA_DIR` (the TFDS build at `resolution`) | `shapes_world_memory:N`
     (the split's first N examples rendered into memory; no build) | `shapes_world_memory:N:relation=0.5,...`
@@ -603,10 +618,7 @@ def open_source(spec: str, resolution: int = 64, split: str = "train"):
             raise ValueError(f"{spec!r}: expected shapes_world_memory:N[:KIND=FRACTION,...][,renders=K] with N a "
                              "number of examples") from None
         kinds = parse_kind_mix(mix) if mix else {}
-        renders = kinds.pop("renders", 1)
-        if renders != int(renders):
-            raise ValueError(f"{spec!r}: renders must be a whole number, got {renders}")
-        return shapes_world_memory(n, resolution, split, kinds=kinds or None, renders=int(renders))
+        return shapes_world_memory(n, resolution, split, kinds=kinds or None, renders=_renders(spec, kinds))
     if kind == "synthetic":
         return synthetic_source(int(arg) if arg else 1024, resolution)
     raise ValueError(f"unknown source {spec!r}: expected folder:DIR, shapes_world:DATA_DIR, shapes_world_memory:N "

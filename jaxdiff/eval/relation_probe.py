@@ -122,16 +122,19 @@ class Probe:
         import jax.numpy as jnp
         return jnp.asarray(self.model.tokenizer(list(captions)))
 
-    def data_mean(self, scenes, batch: int = 64) -> np.ndarray:
-        """The mean VAE latent of ``scenes`` (rendered at the VAE's size)."""
+    def latents(self, scenes) -> np.ndarray:
+        """The VAE latents (posterior means) of ``scenes``, rendered at the VAE's size."""
         import jax.numpy as jnp
 
         from jaxdiff.data import shapes_world as W
-        size, total = self.resolution, 0.0
+        imgs = np.stack([W.render(s, self.resolution) for s in scenes])
+        return np.asarray(self.encode(self.model.params["vae"], jnp.asarray(imgs, jnp.float32) / 127.5 - 1))
+
+    def data_mean(self, scenes, batch: int = 64) -> np.ndarray:
+        """The mean VAE latent of ``scenes``."""
+        total = 0.0
         for i in range(0, len(scenes), batch):
-            imgs = np.stack([W.render(s, size) for s in scenes[i:i + batch]])
-            total = total + np.asarray(self.encode(self.model.params["vae"],
-                                                   jnp.asarray(imgs, jnp.float32) / 127.5 - 1)).sum(0)
+            total = total + self.latents(scenes[i:i + batch]).sum(0)
         return total / len(scenes)
 
     def model_mean(self, params, caption: str, w: float, noises: int) -> np.ndarray:
@@ -202,7 +205,6 @@ def fit_terminal(probe: Probe, pairs, *, target: str, steps: int, batch: int = 6
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps, lr / 10),
                       weight_decay=0.01)
     state = opt.init(params)
-    size = probe.resolution
 
     empty = np.asarray(probe.model.tokenizer([""]))[0]
 
@@ -225,18 +227,16 @@ def fit_terminal(probe: Probe, pairs, *, target: str, steps: int, batch: int = 6
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, value
 
-    encode = lambda scenes: np.asarray(probe.encode(probe.model.params["vae"], jnp.asarray(  # noqa: E731
-        np.stack([W.render(sc, size) for sc in scenes]), jnp.float32) / 127.5 - 1))
     losses = []
     for i in tqdm(range(steps), desc=f"fitting at t = T ({target} target)", disable=not progress):
         idx = rng.integers(0, len(caps), batch)
-        z0 = means[idx] if means is not None else encode([_relation_scene(rng, *caps[j]) for j in idx])
+        z0 = means[idx] if means is not None else probe.latents([_relation_scene(rng, *caps[j]) for j in idx])
         tok = ids[idx]
         if anchor:
             scenes = [W.sample_scene("train", int(j), seed) for j in rng.integers(0, 10 ** 6, anchor)]
             a_ids = np.asarray(probe.model.tokenizer([sc.caption for sc in scenes]))
             a_ids[rng.random(anchor) < cond_dropout] = empty
-            z0, tok = np.concatenate([z0, encode(scenes)]), np.concatenate([tok, a_ids])
+            z0, tok = np.concatenate([z0, probe.latents(scenes)]), np.concatenate([tok, a_ids])
         params, state, value = step(params, state, jnp.asarray(tok), jnp.asarray(z0), jax.random.key(i), anchor)
         losses.append(float(value))
     return params, losses

@@ -231,9 +231,10 @@ def main(argv=None):
         ap.error("give --out DIR for the study, or --quick for the short check")
     if not args.quick and (args.kind or args.json):
         ap.error("--kind and --json belong to --quick")
-    from jaxdiff.data import shapes_world as sw
-    if args.kind is not None and args.kind not in sw.KINDS:
-        ap.error(f"--kind {args.kind!r}: expected one of {list(sw.KINDS)}")
+    try:
+        captions_of("validation", 0, args.kind)          # checks the kind
+    except ValueError as e:
+        ap.error(f"--kind: {e}")
     n_val = args.n if args.n is not None else (200 if args.quick else 500)
     n_held = args.heldout if args.heldout is not None else (100 if args.quick else 300)
     if n_val < 0 or n_held < 0 or n_val + n_held == 0:
@@ -245,10 +246,8 @@ def main(argv=None):
         pipe = Pipeline.from_pretrained(args.model)
         rows = quick_check(pipe, n_val, n_held, args.guidance, args.kind, args.steps, args.sampler)
         if args.json:
-            tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
-            tmp.write_text(json.dumps({"model": args.model, "steps": args.steps, "sampler": args.sampler,
-                                       "rows": rows}, indent=1))
-            tmp.replace(args.json)
+            from jaxdiff.eval.fidelity import write_json
+            write_json({"model": args.model, "steps": args.steps, "sampler": args.sampler, "rows": rows}, args.json)
             print(f"wrote {args.json}")
         return 0
     out = Path(args.out)

@@ -13,7 +13,6 @@ import ast
 import dataclasses
 import importlib.util
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -368,8 +367,7 @@ def main(argv=None):
         raise SystemExit(f"jaxdiff train: mesh.rules {config.mesh.rules!r}: choose one of {sorted(sh.RULE_SETS)}")
     rules = sh.RULE_SETS[config.mesh.rules]
     mesh = sh.make_mesh(tuple(config.mesh.shape))
-    renders = re.search(r"[:,]renders=(\d+)", config.data.source)
-    if config.task == "ldm" and config.ldm.get("stable_target") and (renders is None or int(renders[1]) < 2):
+    if config.task == "ldm" and config.ldm.get("stable_target") and pl.renders_per_caption(config.data.source) < 2:
         raise SystemExit(f"jaxdiff train: ldm.stable_target averages the targets of several renders of one caption "
                          f"in a batch, and data.source {config.data.source!r} has one per caption: use "
                          "shapes_world_memory:N:...,renders=K (K >= 2)")
