@@ -7,25 +7,27 @@ from jaxdiff import schedules as S
 from jaxdiff.data import shapes_world as W
 from jaxdiff.pretrained import load_pretrained
 from jaxdiff.text import TextTransformer
-from jaxdiff.unet import UNet
+from jaxdiff.unet import UNet, grow_params
 from jaxdiff.vae import AutoencoderKL, scale_latents
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=300); ap.add_argument("--batch", type=int, default=32)
-ap.add_argument("--lr", type=float, default=3e-4)
+ap.add_argument("--lr", type=float, default=3e-4); ap.add_argument("--refiner", type=int, default=0)
 ap.add_argument("--fresh", action="store_true"); ap.add_argument("--tmax", type=int, default=100)
 ap.add_argument("--freeze-text", action="store_true"); ap.add_argument("--op", default="rel")
 a = ap.parse_args()
 model = load_pretrained("models/shapes_sd")
-cfg = dataclasses.replace(model.unet_config, out_channels=1)
+cfg = dataclasses.replace(model.unet_config, out_channels=1, context_refiner=a.refiner)
 unet, text, vae = UNet(cfg), TextTransformer(model.text_config), AutoencoderKL(model.vae_config)
 ab = jnp.asarray(S.alphas_cumprod(S.resolve(model.scheduler_config)), jnp.float32)
 enc = jax.jit(lambda x: scale_latents(vae.apply({"params": model.params["vae"]}, x, method=AutoencoderKL.encode).mean, model.vae_config))
-fresh = unet.init(jax.random.key(0), jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,)), jnp.zeros((1, 8, 128)))["params"]
+fresh = __import__("flax").linen.meta.unbox(unet.init(jax.random.key(0), jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,)), jnp.zeros((1, 8, 128)))["params"])
 if a.fresh:
     up = fresh
 else:
     up = dict(model.params["unet"]); co = up["conv_out"]
     up["conv_out"] = {"kernel": jnp.zeros(co["kernel"].shape[:-1] + (1,)), "bias": jnp.zeros((1,))}
+    if a.refiner:
+        up, _, _ = grow_params(up, dataclasses.replace(model.unet_config, out_channels=1), fresh, cfg)
 params = {"unet": up, "text": model.params["text_encoder"]}
 def logit(p, x, t, ids):
     ctx = text.apply({"params": p["text"]}, ids)["last_hidden_state"]
