@@ -328,6 +328,44 @@ def test_remat_gives_the_same_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g0, g1)
 
 
+def test_text_token_ce_decodes_each_prompt_token_up_to_the_end_token():
+    from jaxdiff.text import PRESETS
+    from jaxdiff.train.tasks import text_token_ce
+    tcfg = dataclasses.replace(PRESETS["tiny"], vocab_size=7, eos_token_id=6)
+    rng = np.random.default_rng(0)
+    states, emb = rng.standard_normal((2, 5, 3)), rng.standard_normal((7, 3))
+    ids = np.array([[5, 1, 2, 6, 6], [5, 6, 6, 6, 6]], np.int32)      # BOS a b EOS pad / BOS EOS pad ...
+    logits = states @ emb.T
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -np.mean([logp[0, 0, 5], logp[0, 1, 1], logp[0, 2, 2], logp[0, 3, 6], logp[1, 0, 5], logp[1, 1, 6]])
+    got = text_token_ce(jnp.asarray(states), jnp.asarray(ids), jnp.asarray(emb), tcfg)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_text_token_loss_adds_its_weighted_term_and_needs_a_trained_text_encoder():
+    from jaxdiff import unet as U, vae as V
+    from jaxdiff.train import tasks
+    frozen, tcfg, ids = _tiny_ldm_parts()
+    with pytest.raises(ValueError, match="text_token_loss .* train_text_encoder"):
+        tasks.ldm_task(tasks.LDMConfig(text_token_loss=0.1), None, None, tcfg, frozen, ids)
+    mk = lambda w: tasks.ldm_task(tasks.LDMConfig(cond_dropout=0.0, train_text_encoder=True, text_token_loss=w),  # noqa: E731
+                                  U.PRESETS["tiny"], V.PRESETS["tiny"], tcfg, frozen, ids)
+    plain, aux = mk(0.0), mk(0.5)
+    params = nn.unbox(plain.init(jax.random.key(0)))
+    tokens = np.tile(ids, (2, 1))
+    tokens[:, 1:3] = [[320, 321], [322, 323]]
+    tokens[:, 3] = 49407
+    batch = {"image": np.zeros((2, 16, 16, 3), np.float32), "tokens": tokens}
+    l0, m0 = plain.loss(params, frozen, batch, jax.random.key(1))
+    l1, m1 = aux.loss(params, frozen, batch, jax.random.key(1))
+    assert "text_token_ce" not in m0 and float(m1["text_token_ce"]) > 1.0      # random tower: far from decoding
+    np.testing.assert_allclose(float(l1), float(l0) + 0.5 * float(m1["text_token_ce"]), rtol=1e-5)
+    key = jax.random.key(1)
+    g = jax.grad(lambda p: aux.loss(p, frozen, batch, key)[0] - plain.loss(p, frozen, batch, key)[0])(params)
+    assert float(jnp.abs(g["text_encoder"]["embeddings"]["token_embedding"]["embedding"]).sum()) > 0
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g["unet"]))   # the UNet's loss is unchanged
+
+
 def test_timestep_bias_draws_the_noisiest_steps_more_often():
     from jaxdiff.train.tasks import LDMConfig, ldm_task, sample_timesteps
     key, n = jax.random.key(0), 20000

@@ -87,6 +87,12 @@ def test_workdir_check_ignores_resumable_keys_a_run_saved(tmp_path):
         check_workdir(tmp_path, {"optim.learning_rate": 1e-3}, resumable=cli.RESUMABLE_KEYS)
 
 
+def _logged(out, name):
+    """The values of metric ``name`` in a training run's printed step lines."""
+    return [float(part.split("=")[1]) for line in out.splitlines() if line.startswith("step ")
+            for part in line.split(", ") if part.startswith(name + "=")]
+
+
 def test_stable_target_run_on_several_renders_per_caption(tmp_path, capsys):
     # ldm.stable_target needs batches with several renders of a caption: refused before anything is
     # rendered or written on data with one; trains on shapes_world_memory:N:renders=K
@@ -99,7 +105,22 @@ def test_stable_target_run_on_several_renders_per_caption(tmp_path, capsys):
               "--config.data.source=shapes_world_memory:32:relation=0.5,renders=4", "--config.loop.steps=2",
               "--config.loop.log_every=1", "--config.loop.checkpoint_every=2"])
     out = capsys.readouterr().out
-    weights = [float(part.split("=")[1]) for line in out.splitlines() if line.startswith("step ")
-               for part in line.split(", ") if part.startswith("stf_self_weight=")]
+    weights = _logged(out, "stf_self_weight")
     assert len(weights) == 2 and all(0.25 <= w < 1 for w in weights), out
+    assert "done: step 2" in out
+
+
+def test_text_token_loss_run(tmp_path, capsys):
+    # configs/ldm_shapes_words.py: the token-identity loss on a text tower trained with the UNet; refused
+    # before anything is written when the text encoder is frozen
+    with pytest.raises(SystemExit, match="text_token_loss=0.05 trains the text encoder"):
+        cli.main(["--config", "configs/ldm_shapes_words.py:smoke", "--workdir", str(tmp_path / "refused"),
+                  "--config.ldm.train_text_encoder=False"])
+    assert not (tmp_path / "refused").exists()
+    work = tmp_path / "words"
+    cli.main(["--config", "configs/ldm_shapes_words.py:smoke", "--workdir", str(work), "--config.loop.steps=2",
+              "--config.loop.log_every=1", "--config.loop.checkpoint_every=2"])
+    out = capsys.readouterr().out
+    ce = _logged(out, "text_token_ce")
+    assert len(ce) == 2 and all(c > 0 for c in ce), out
     assert "done: step 2" in out

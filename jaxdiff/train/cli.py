@@ -371,6 +371,9 @@ def main(argv=None):
         raise SystemExit(f"jaxdiff train: ldm.stable_target averages the targets of several renders of one caption "
                          f"in a batch, and data.source {config.data.source!r} has one per caption: use "
                          "shapes_world_memory:N:...,renders=K (K >= 2)")
+    if config.task == "ldm" and config.ldm.get("text_token_loss") and not config.ldm.get("train_text_encoder"):
+        raise SystemExit(f"jaxdiff train: ldm.text_token_loss={config.ldm.text_token_loss} trains the text encoder's "
+                         "states: set ldm.train_text_encoder=True (or the loss to 0)")
     source = pl.open_source(config.data.source, resolution=config.data.resolution)
     fingerprint = {k: v for k, v in _flatten(json_safe(config.to_dict())).items() if k not in RESUMABLE_KEYS}
     workdir.mkdir(parents=True, exist_ok=True)

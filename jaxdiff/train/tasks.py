@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import linen as nn
 
 from jaxdiff import schedules as S
@@ -38,6 +39,12 @@ class LDMConfig:
     # renders per caption (`shapes_world_memory:N:...,renders=K`): at high noise, where one render is a poor
     # guess of E[z0 | caption], the target averages over them
     stable_target: bool = False
+    # > 0 (needs train_text_encoder): add this times a token-identity loss on the trained text encoder: each
+    # prompt token, up to the first end token, decoded from its last hidden state by the tower's own token
+    # embedding (tied weights, cross-entropy). Trained with a UNet that does not use a word yet, the tower is
+    # free to erase it (the shapes-world tower mapped "to the left of" and "to the right of" to one state);
+    # this keeps every word's identity in the states the UNet reads
+    text_token_loss: float = 0.0
 
 
 def _init_like(module, kind, config, key, init_params=None):
@@ -85,6 +92,19 @@ def stable_target_x0(z0, x_t, alpha_bar, same):
     return (w @ z).reshape(z0.shape).astype(z0.dtype), jnp.diagonal(w)
 
 
+def text_token_ce(states, ids, embedding, text_config):
+    """Mean cross-entropy of each token of ``ids`` [B, T] (up to and including the first end token) decoded
+    from its state [B, T, D] by the token embedding [V, D] (tied logits ``states @ embedding.T``)."""
+    logits = jnp.einsum("btd,vd->btv", states.astype(jnp.float32), embedding.astype(jnp.float32))
+    if text_config.eos_token_id == 2:    # legacy configs: the end token has the largest id
+        end = jnp.argmax(ids, axis=-1)
+    else:
+        end = jnp.argmax(ids == text_config.eos_token_id, axis=-1)
+    mask = (jnp.arange(ids.shape[1])[None, :] <= end[:, None]).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids)
+    return jnp.sum(ce * mask) / jnp.sum(mask)
+
+
 def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict, uncond_ids: np.ndarray,
              init_params=None, sample_ids: np.ndarray | None = None, sample_resolution: int = 32,
              sample_steps: int = 20, sample_guidance: float = 3.0) -> Task:
@@ -103,6 +123,9 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
     if not 0 <= cfg.timestep_bias_portion <= 1 or not 0 <= cfg.timestep_bias_begin < cfg.num_train_timesteps:
         raise ValueError(f"timestep_bias_portion must be in [0, 1] and timestep_bias_begin in [0, "
                          f"{cfg.num_train_timesteps}), got {cfg.timestep_bias_portion} and {cfg.timestep_bias_begin}")
+    if cfg.text_token_loss < 0 or (cfg.text_token_loss > 0 and not cfg.train_text_encoder):
+        raise ValueError(f"text_token_loss must be >= 0 and needs train_text_encoder=True (it trains the text "
+                         f"encoder), got {cfg.text_token_loss} with train_text_encoder={cfg.train_text_encoder}")
     dt = _dtype(cfg.compute_dtype)
     unet = UNet(unet_config, remat=cfg.remat, dtype=dt)
     vae = AutoencoderKL(vae_config)
@@ -163,7 +186,12 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
             snr = ab[:, 0, 0, 0] / (1 - ab[:, 0, 0, 0])
             clipped = jnp.minimum(snr, cfg.min_snr_gamma)
             w = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[cfg.prediction_type]
-        return jnp.mean(w * mse), {"mse": jnp.mean(mse), **metrics}
+        total = jnp.mean(w * mse)
+        if cfg.text_token_loss > 0:
+            ce = text_token_ce(ctx, ids, text_params["embeddings"]["token_embedding"]["embedding"], text_config)
+            metrics["text_token_ce"] = ce
+            total = total + cfg.text_token_loss * ce
+        return total, {"mse": jnp.mean(mse), **metrics}
 
     sample = None
     if sample_ids is not None:
