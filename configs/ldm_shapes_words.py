@@ -17,7 +17,7 @@ Run (session 17, 2026-12-06, 2 CPU cores, 0.68 steps/s): 800 steps (21 min), the
 `--config.loop.steps=1500 --config.optim.total_steps=1500` (18 min more). At step 1,500 the relation words are as
 far apart as the position words (above / below 0.91, left / right 1.09), the rest kept (quick check at w = 3:
 73.0 / 77.0 %, stage 5: 75.0 / 76.0 %), but the UNet does not follow them yet (relation 200: 22.5 %, named /
-reversed 45 / 46): not adopted. Sized next for a GPU: stage 5's batch, 10,000+ steps.
+reversed 45 / 46; 24.5 %, 49 / 48 at step 2,241 of a further resume to 2,500 steps): not adopted. Sized next for a GPU: stage 5's batch, 10,000+ steps.
 """
 import common
 import ldm_shapes_rel
