@@ -6,10 +6,10 @@ with a token-identity loss on the text tower (`ldm.text_token_loss`), on the 2-c
     jaxdiff train --config configs/ldm_shapes_words.py:smoke --workdir /tmp/words_smoke
 
 Why (docs/shapes_sd.md, attempt 14): the committed text tower, trained with the UNet since stage 3, no longer
-tells the relation words apart. The last hidden state of "above" differs from that of "below" by 5 % (relative
-L2; 0.37 in the embeddings), "left" from "right" in "to the left of" by 2 % (1.21 in the embeddings, 0.02
-after the first layer), where a colour word differs by 124 % and "top" from "bottom" in a position phrase by
-113 %. The UNet cannot follow a word its conditioning does not carry, and since it never used the relation the
+tells the relation words apart. The last hidden state of "above" differs from that of "below" by 6 % (relative
+L2, mean of 8 object pairs; 0.37 in the embeddings), "left" from "right" in "to the left of" by 2 % (1.22 in the
+embeddings, erased by the first layer), where a colour word differs by 123 % and "top" from "bottom" in a
+position phrase by 110 %. The UNet cannot follow a word its conditioning does not carry, and since it never used the relation the
 tower had no reason to keep it. The token-identity loss makes every token's last state decode its own word
 (tied to the token embedding), so the relation word is back in what the UNet reads.
 
@@ -17,7 +17,8 @@ Run (session 17, 2026-12-06, 2 CPU cores, 0.68 steps/s): 800 steps (21 min), the
 `--config.loop.steps=1500 --config.optim.total_steps=1500` (18 min more). At step 1,500 the relation words are as
 far apart as the position words (above / below 0.91, left / right 1.09), the rest kept (quick check at w = 3:
 73.0 / 77.0 %, stage 5: 75.0 / 76.0 %), but the UNet does not follow them yet (relation 200: 22.5 %, named /
-reversed 45 / 46; 24.5 %, 49 / 48 at step 2,241 of a further resume to 2,500 steps): not adopted. Sized next for a GPU: stage 5's batch, 10,000+ steps.
+reversed 45 / 46; 24.5 %, 49 / 48 at step 2,241 of a further resume to 2,500 steps): not adopted.
+Sized next for a GPU: stage 5's batch, 10,000+ steps.
 """
 import common
 import ldm_shapes_rel

@@ -131,6 +131,13 @@ class Encoder(nn.Module):
         return hidden
 
 
+def eos_index(input_ids, config: TextConfig):
+    """[B] position of each prompt's first end token (where CLIP pools)."""
+    if config.eos_token_id == 2:  # legacy configs: the EOS token has the largest id
+        return jnp.argmax(input_ids, axis=-1)
+    return jnp.argmax(input_ids == config.eos_token_id, axis=-1)
+
+
 class TextTransformer(nn.Module):
     """token ids [B, T] -> {'last_hidden_state' [B, T, D], 'pooled' [B, D], 'hidden_states'
     (embeddings, then each layer's output), 'text_embeds' (projected pooled, if configured)}.
@@ -160,11 +167,7 @@ class TextTransformer(nn.Module):
             mask = mask & attention_mask.astype(bool)[:, None, None, :]   # padded keys masked out
         hidden = self.encoder(self.embeddings(input_ids), mask)
         last = self.final_layer_norm(hidden[-1])
-        if cfg.eos_token_id == 2:  # legacy configs: the EOS token has the largest id
-            eos = jnp.argmax(input_ids, axis=-1)
-        else:
-            eos = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
-        pooled = last[jnp.arange(b), eos]
+        pooled = last[jnp.arange(b), eos_index(input_ids, cfg)]
         out = {"last_hidden_state": last, "pooled": pooled, "hidden_states": tuple(hidden)}
         if cfg.projection_dim:
             out["text_embeds"] = self.text_projection(pooled)

@@ -10,7 +10,7 @@ import optax
 from flax import linen as nn
 
 from jaxdiff import schedules as S
-from jaxdiff.text import TextTransformer
+from jaxdiff.text import TextTransformer, eos_index
 from jaxdiff.train.step import Task
 from jaxdiff.unet import UNet
 from jaxdiff.vae import AutoencoderKL, scale_latents
@@ -96,10 +96,7 @@ def text_token_ce(states, ids, embedding, text_config):
     """Mean cross-entropy of each token of ``ids`` [B, T] (up to and including the first end token) decoded
     from its state [B, T, D] by the token embedding [V, D] (tied logits ``states @ embedding.T``)."""
     logits = jnp.einsum("btd,vd->btv", states.astype(jnp.float32), embedding.astype(jnp.float32))
-    if text_config.eos_token_id == 2:    # legacy configs: the end token has the largest id
-        end = jnp.argmax(ids, axis=-1)
-    else:
-        end = jnp.argmax(ids == text_config.eos_token_id, axis=-1)
+    end = eos_index(ids, text_config)
     mask = (jnp.arange(ids.shape[1])[None, :] <= end[:, None]).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids)
     return jnp.sum(ce * mask) / jnp.sum(mask)
