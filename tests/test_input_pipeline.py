@@ -246,7 +246,7 @@ def test_shapes_world_memory_source():
         np.testing.assert_array_equal(src[i]["image"], want["image"])
         assert src[i]["caption"] == want["caption"]
     assert len({c["caption"] for c in src}) > 1
-    with pytest.raises(ValueError, match=r"shapes_world_memory:N\[:KIND=FRACTION,...\]\[,renders=K\] with N a"):
+    with pytest.raises(ValueError, match=r"shapes_world_memory:N\[:KIND=FRACTION,...\]\[,renders=K\]\[,canonical=1\] with N a"):
         pl.open_source("shapes_world_memory:lots")
     with pytest.raises(ValueError, match="resolution one of"):
         pl.shapes_world_memory(4, resolution=48)
@@ -364,6 +364,13 @@ def test_shapes_world_memory_renders_each_caption_several_times():
         pl.open_source("shapes_world_memory:12:renders=5", resolution=32)
     with pytest.raises(ValueError, match="renders must be a whole number"):
         pl.open_source("shapes_world_memory:12:renders=2.5", resolution=32)
+    # canonical=1: the same captions, relation scenes in their canonical layout
+    canon = pl.open_source("shapes_world_memory:4:relation=1,canonical=1", resolution=32, split="validation")
+    spec = pl.open_source("shapes_world_memory:4:relation=1", resolution=32, split="validation")
+    assert [canon[k]["caption"] for k in range(4)] == [spec[k]["caption"] for k in range(4)]
+    assert any(not np.array_equal(canon[k]["image"], spec[k]["image"]) for k in range(4))
+    with pytest.raises(ValueError, match="canonical must be 0 or 1, got 2"):
+        pl.open_source("shapes_world_memory:4:canonical=2", resolution=32)
 
 def test_array_source_resumes_exactly(tok):
     src, cfg = array_source(30), config(global_batch=4)

@@ -112,6 +112,29 @@ def test_captions_follow_the_grammar_and_parse_back():
     assert not any(c.startswith("a orange") or " a orange" in c or c.startswith("an red") for c in caps)
 
 
+def test_canonical_relation_layouts_keep_the_caption_and_use_the_outer_rows_or_columns():
+    # canonical=True (a training-data option): "A above B" puts A in row 0 and B in row 2, "A to the left
+    # of B" A in column 0 and B in column 2 (the other axis free); captions and other kinds are unchanged
+    from jaxdiff.eval import fidelity
+    rng = np.random.default_rng(0)
+    seen = set()
+    for i in range(200):
+        spec, canon = sw.sample_scene("train", i), sw.sample_scene("train", i, canonical=True)
+        assert canon.caption == spec.caption and canon.kind == spec.kind
+        if spec.kind != "relation":
+            assert canon == spec
+            continue
+        again = sw.scene_for_caption(spec.caption, rng, canonical=True)
+        for scene in (canon, again):
+            a, b = (divmod(o.cell, 3) for o in scene.objects)            # (row, column)
+            axis = 0 if scene.relation in ("above", "below") else 1
+            want = (0, 2) if scene.relation in ("above", "to the left of") else (2, 0)
+            assert (a[axis], b[axis]) == want, (scene.caption, a, b)
+            seen.add((scene.relation, a[1 - axis]))
+        assert fidelity.score(sw.render(canon, 64), canon.caption)["correct"]
+    assert len(seen) == 12                                                     # 4 relations x 3 free rows / columns
+
+
 def test_scene_for_caption_keeps_what_the_caption_names_and_redraws_the_rest():
     from jaxdiff.eval import fidelity
     rng = np.random.default_rng(0)

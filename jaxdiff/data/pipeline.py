@@ -453,12 +453,12 @@ def _shapes_chunk(args) -> tuple[np.ndarray, list[str]]:
     """Examples ``indices`` of a split; with renders > 1 each is followed by renders - 1 other scenes of its
     caption, scene j of example i drawn from ``default_rng([seed, split id, i, j])``."""
     from jaxdiff.data import shapes_world as sw
-    split, indices, seed, resolution, renders = args
+    split, indices, seed, resolution, renders, canonical = args
     images, captions = [], []
     for i in indices:
-        scene = sw.sample_scene(split, int(i), seed)
-        more = [sw.scene_for_caption(scene.caption, np.random.default_rng([seed, sw.SPLITS[split], int(i), j]))
-                for j in range(1, renders)]
+        scene = sw.sample_scene(split, int(i), seed, canonical)
+        more = [sw.scene_for_caption(scene.caption, np.random.default_rng([seed, sw.SPLITS[split], int(i), j]),
+                                     canonical) for j in range(1, renders)]
         images += [sw.render(s, resolution) for s in (scene, *more)]
         captions += [scene.caption] * renders
     return np.stack(images), captions
@@ -513,7 +513,8 @@ def parse_kind_mix(text: str) -> dict[str, float]:
 
 def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed: int = 0,
                         workers: int | None = None, progress: bool = True,
-                        kinds: dict[str, float] | None = None, renders: int = 1) -> ArraySource:
+                        kinds: dict[str, float] | None = None, renders: int = 1,
+                        canonical: bool = False) -> ArraySource:
     """Examples 0..n-1 of a shapes_world split rendered into memory, in processes: no TFDS build needed.
 
     Record i equals record i of a TFDS build with the same seed (`jaxdiff data build`), whose default
@@ -527,6 +528,10 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
     own scene, then other scenes of its caption: `shapes_world.scene_for_caption`), as one group of
     consecutive records that the pipeline keeps in one batch (`ArraySource.group`): what the stable
     target field (`ldm.stable_target`) averages over.
+
+    `canonical`: relation scenes drawn in their canonical layout (`A above B`: A in the top row, B in
+    the bottom one; `shapes_world.sample_scene`), still true to their captions: what the relation
+    fine-tune of docs/shapes_sd.md (attempt 15) trains on.
     """
     import multiprocessing
     import os
@@ -545,7 +550,8 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
     captions_n = n // renders
     indices = _indices_by_kind(split, captions_n, seed, kinds) if kinds else np.arange(captions_n)
     step = max(1, min(2000 // renders, -(-captions_n // (4 * workers))))
-    chunks = [(split, indices[lo:lo + step], seed, resolution, renders) for lo in range(0, captions_n, step)]
+    chunks = [(split, indices[lo:lo + step], seed, resolution, renders, canonical)
+              for lo in range(0, captions_n, step)]
     images = np.empty((n, resolution, resolution, 3), np.uint8)
     captions: list[str] = []
     bar = None
@@ -582,6 +588,14 @@ def _renders(spec: str, kinds: dict) -> int:
     return int(renders)
 
 
+def _canonical(spec: str, kinds: dict) -> bool:
+    """Pops `canonical` (default 0) from a shapes_world_memory spec's parsed mix: 0 or 1."""
+    canonical = kinds.pop("canonical", 0)
+    if canonical not in (0, 1):
+        raise ValueError(f"{spec!r}: canonical must be 0 or 1, got {canonical}")
+    return bool(canonical)
+
+
 def renders_per_caption(spec: str) -> int:
     """How many renders of each caption the source `spec` holds together (1 unless
     `shapes_world_memory:N:...,renders=K`); read from the spec, without opening the source."""
@@ -594,7 +608,8 @@ def open_source(spec: str, resolution: int = 64, split: str = "train"):
     """`folder:DIR` | `shapes_world:DATA_DIR` (the TFDS build at `resolution`) | `shapes_world_memory:N`
     (the split's first N examples rendered into memory; no build) | `shapes_world_memory:N:relation=0.5,...`
     (N examples with that mix of scene kinds; `,renders=K` or `:renders=K`: N / K captions rendered K times
-    each, kept together in batches) | `synthetic[:N]`."""
+    each, kept together in batches; `,canonical=1`: relation scenes in their canonical layout) |
+    `synthetic[:N]`."""
     kind, _, arg = spec.partition(":")
     if kind == "folder" and arg:
         from jaxdiff.data.folder import open_folder
@@ -615,10 +630,11 @@ def open_source(spec: str, resolution: int = 64, split: str = "train"):
         try:
             n = int(count.replace("_", ""))
         except ValueError:
-            raise ValueError(f"{spec!r}: expected shapes_world_memory:N[:KIND=FRACTION,...][,renders=K] with N a "
-                             "number of examples") from None
+            raise ValueError(f"{spec!r}: expected shapes_world_memory:N[:KIND=FRACTION,...][,renders=K][,canonical=1] "
+                             "with N a number of examples") from None
         kinds = parse_kind_mix(mix) if mix else {}
-        return shapes_world_memory(n, resolution, split, kinds=kinds or None, renders=_renders(spec, kinds))
+        renders, canonical = _renders(spec, kinds), _canonical(spec, kinds)
+        return shapes_world_memory(n, resolution, split, kinds=kinds or None, renders=renders, canonical=canonical)
     if kind == "synthetic":
         return synthetic_source(int(arg) if arg else 1024, resolution)
     raise ValueError(f"unknown source {spec!r}: expected folder:DIR, shapes_world:DATA_DIR, shapes_world_memory:N "

@@ -98,14 +98,19 @@ def vocabulary() -> tuple[str, ...]:
     return tuple(sorted({w for p in phrases for w in p.split()}))
 
 
-def _relation_cells(rng, relation):
+def _relation_cells(rng, relation, canonical=False):
     """Cells for A and B that make `A relation B` true: uniform over all such (cell A, cell B) pairs.
 
     Left/right: A's and B's columns are an ordered pair drawn from (0,1), (0,2), (1,2); their rows
     are drawn independently (any rows). Above/below: the same with rows and columns swapped. Cells
-    are then distinct because the columns (rows) differ.
+    are then distinct because the columns (rows) differ. ``canonical``: the columns (rows) are always
+    the outer ones, (0, 2), so that `A above B` puts A in the top row and B in the bottom one (a
+    training-data option; such scenes still satisfy their captions).
     """
-    lo, hi = _pick(rng, ((0, 1), (0, 2), (1, 2)))
+    if canonical:
+        lo, hi = 0, 2
+    else:
+        lo, hi = _pick(rng, ((0, 1), (0, 2), (1, 2)))
     first, second = (lo, hi) if relation in ("to the left of", "above") else (hi, lo)
     other_a, other_b = _pick(rng, (0, 1, 2)), _pick(rng, (0, 1, 2))
     if relation in ("to the left of", "to the right of"):           # cell = 3 * row + column
@@ -113,8 +118,12 @@ def _relation_cells(rng, relation):
     return 3 * first + other_a, 3 * second + other_b
 
 
-def sample_scene(split: str, index: int, seed: int = 0) -> Scene:
-    """The scene (labels and caption) of example `index` of `split`; a pure function of its arguments."""
+def sample_scene(split: str, index: int, seed: int = 0, canonical: bool = False) -> Scene:
+    """The scene (labels and caption) of example `index` of `split`; a pure function of its arguments.
+
+    ``canonical``: relation scenes in their canonical layout (`_relation_cells`), an option for training
+    data, not part of the data set's spec: the caption is the spec's; a relation scene's cells and jitter
+    differ, other kinds are unchanged."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {sorted(SPLITS)}")
     if index < 0 or seed < 0:
@@ -144,7 +153,7 @@ def sample_scene(split: str, index: int, seed: int = 0) -> Scene:
             if a != b and (not heldout or a in HELDOUT_PAIRS or b in HELDOUT_PAIRS):
                 break
         relation = _pick(rng, RELATIONS)
-        cell_a, cell_b = _relation_cells(rng, relation)
+        cell_a, cell_b = _relation_cells(rng, relation, canonical)
         objs = (_object(rng, *a, "small", cell_a), _object(rng, *b, "small", cell_b))
         caption = f"{object_phrase(*a)} {relation} {object_phrase(*b)}"
         return Scene(kind, background, objs, caption, relation)
@@ -158,14 +167,15 @@ def sample_scene(split: str, index: int, seed: int = 0) -> Scene:
     return Scene(kind, background, objs, f"{word} {colour} {plural(shape)}")
 
 
-def scene_for_caption(caption: str, rng) -> Scene:
+def scene_for_caption(caption: str, rng, canonical: bool = False) -> Scene:
     """Another scene that ``caption`` describes: what the caption leaves open (cells, sizes, background,
     jitter) drawn as `sample_scene` draws it, from ``rng`` (a numpy Generator). Training with several
-    renders per caption (`jaxdiff.data.pipeline.shapes_world_memory`'s ``renders``) uses it."""
+    renders per caption (`jaxdiff.data.pipeline.shapes_world_memory`'s ``renders``) uses it. ``canonical``:
+    as in `sample_scene`."""
     p = parse_caption(caption)
     background = p.background or _pick(rng, tuple(BACKGROUNDS))
     if p.kind == "relation":
-        cells = _relation_cells(rng, p.relation)
+        cells = _relation_cells(rng, p.relation, canonical)
         objs = tuple(_object(rng, o.colour, o.shape, "small", c) for o, c in zip(p.objects, cells))
         return Scene("relation", background, objs, p.text, p.relation)
     o = p.objects[0]

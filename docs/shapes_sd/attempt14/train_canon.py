@@ -6,7 +6,8 @@ at the bottom" in every training image, the one-hop association that the model a
 phrases ("a red circle at the top"), instead of a comparison of two rows it has to make itself.
 
 Experiment record, not library code (it patches `shapes_world._relation_cells` for the training data only;
-evaluation reads captions and scores images by the spec's rule). Run from the repository root:
+evaluation reads captions and scores images by the spec's rule). The library has the layout since session 18:
+`--config.data.source=shapes_world_memory:N:...,canonical=1` trains on the same scenes without this patch. Run from the repository root:
 
     python docs/shapes_sd/attempt14/train_canon.py --workdir runs/a14_canon [--config.loop.steps=1200 ...]
 """
@@ -15,14 +16,12 @@ import sys
 from jaxdiff.data import shapes_world as W
 
 
-def canonical_cells(rng, relation):
-    first, second = (0, 2) if relation in ("to the left of", "above") else (2, 0)
-    other_a, other_b = W._pick(rng, (0, 1, 2)), W._pick(rng, (0, 1, 2))
-    if relation in ("to the left of", "to the right of"):           # cell = 3 * row + column
-        return 3 * other_a + first, 3 * other_b + second
-    return 3 * first + other_a, 3 * second + other_b
+def canonical_cells(rng, relation, canonical=False):
+    # written here in session 17; session 18 moved it into the library as `canonical=True` (same draws)
+    return _spec_cells(rng, relation, canonical=True)
 
 
+_spec_cells = W._relation_cells
 W._relation_cells = canonical_cells  # also in spawned render workers: they re-import this file
 
 if __name__ == "__main__":
