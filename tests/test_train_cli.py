@@ -124,3 +124,16 @@ def test_text_token_loss_run(tmp_path, capsys):
     ce = _logged(out, "text_token_ce")
     assert len(ce) == 2 and all(c > 0 for c in ce), out
     assert "done: step 2" in out
+
+
+def test_canonical_relation_stages_load_and_their_sources_open():
+    # configs/ldm_shapes_canon.py (attempt 15): both stages keep the token-identity loss and train on canonical
+    # relation layouts; their data sources, shrunk to 8 examples, open with the same captions as without
+    from jaxdiff.data import pipeline as pl
+    for variant in ("first", ""):
+        c = cli.load_config("configs/ldm_shapes_canon.py" + (":" + variant if variant else ""))
+        assert c.ldm.text_token_loss > 0 and c.ldm.train_text_encoder and c.model.model_dir
+        spec = c.data.source.replace(":40000:", ":8:")
+        assert spec.endswith(",canonical=1")
+        canon, plain = (pl.open_source(s, resolution=32) for s in (spec, spec.removesuffix(",canonical=1")))
+        assert [r["caption"] for r in canon] == [r["caption"] for r in plain]
