@@ -10,14 +10,15 @@ The chain as it ran (session 17, then session 18, 2026-12-07), from the committe
         --config.loop.steps=1500 --config.optim.total_steps=1500                                  # resumed
     jaxdiff train --config configs/ldm_shapes_words.py --workdir runs/ldm_shapes_words \
         --config.loop.steps=2241 --config.optim.total_steps=2500                                  # resumed
-    jaxdiff export --workdir runs/ldm_shapes_words --out runs/words_2200
+    jaxdiff export --workdir runs/ldm_shapes_words --out runs/ldm_shapes_words_export
     jaxdiff train --config configs/ldm_shapes_canon.py:first --workdir runs/ldm_shapes_canon_first   # 800 steps
-    jaxdiff export --workdir runs/ldm_shapes_canon_first --out runs/a15_800
+    jaxdiff export --workdir runs/ldm_shapes_canon_first --out runs/ldm_shapes_canon_first_export
     jaxdiff train --config configs/ldm_shapes_canon.py --workdir runs/ldm_shapes_canon               # 2,400 steps
     jaxdiff export --workdir runs/ldm_shapes_canon --out runs/ldm_shapes_canon_export
 
 (session 18 ran the two canonical stages through docs/shapes_sd/attempt15/train_canon_words.py, whose patched
-layouts draw the same scenes as `canonical=1`: checked for the first 400 train examples). Why and what it gave:
+layouts draw the same scenes as `canonical=1`: checked for the first 400 train examples, with the two exports
+named runs/words_2200 and runs/a15_800). Why and what it gave:
 docs/shapes_sd.md, attempt 15. In short: the UNet had ignored the relation word with either half alone (the words
 back but random layouts: attempt 14, 2,241 steps; canonical layouts on the tower that had erased the words: 850
 steps); with both, the relation order came in between steps 800 and 1,600 of the second stage (relation 200 at
@@ -30,13 +31,13 @@ import ldm_shapes_words
 def get_config(arg=None):
     c = ldm_shapes_words.get_config()
     if arg == "first":   # the first, shorter stage: the words run's relation mix at its learning rate
-        c.model.model_dir = "runs/words_2200"
+        c.model.model_dir = "runs/ldm_shapes_words_export"
         c.data.source = "shapes_world_memory:40000:relation=0.5,count=0.25,canonical=1"
         c.optim = common.optim(learning_rate=1.5e-4, warmup_steps=50, total_steps=1200, final_lr_ratio=0.1,
                                ema_decay=0.99)
         c.loop.steps = 800
         return c
-    c.model.model_dir = "runs/a15_800"
+    c.model.model_dir = "runs/ldm_shapes_canon_first_export"
     c.data.source = "shapes_world_memory:40000:relation=0.6,count=0.2,canonical=1"
     c.data.seed = 15
     c.optim = common.optim(learning_rate=3e-4, warmup_steps=50, total_steps=2400, final_lr_ratio=0.1,
