@@ -47,7 +47,15 @@ shapes-sd: setup
 	$(JD) train --config configs/ldm_shapes_long.py --workdir runs/ldm_shapes_long
 	$(JD) export --workdir runs/ldm_shapes_long --out runs/ldm_shapes_long_export --overwrite
 	$(JD) train --config configs/ldm_shapes_gpu.py --workdir runs/ldm_shapes_gpu
-	$(JD) export --workdir runs/ldm_shapes_gpu --out models/shapes_sd --overwrite
+	$(JD) export --workdir runs/ldm_shapes_gpu --out runs/ldm_shapes_gpu_export --overwrite
+	$(JD) train --config configs/ldm_shapes_words.py --workdir runs/ldm_shapes_words
+	$(JD) train --config configs/ldm_shapes_words.py --workdir runs/ldm_shapes_words --config.loop.steps=1500 --config.optim.total_steps=1500
+	$(JD) train --config configs/ldm_shapes_words.py --workdir runs/ldm_shapes_words --config.loop.steps=2241 --config.optim.total_steps=2500
+	$(JD) export --workdir runs/ldm_shapes_words --out runs/ldm_shapes_words_export --overwrite
+	$(JD) train --config configs/ldm_shapes_canon.py:first --workdir runs/ldm_shapes_canon_first
+	$(JD) export --workdir runs/ldm_shapes_canon_first --out runs/ldm_shapes_canon_first_export --overwrite
+	$(JD) train --config configs/ldm_shapes_canon.py --workdir runs/ldm_shapes_canon
+	$(JD) export --workdir runs/ldm_shapes_canon --out models/shapes_sd --overwrite
 	$(PY) -m jaxdiff.eval.study --model models/shapes_sd --out docs/shapes_sd
 
 bench: setup

@@ -13,7 +13,7 @@ The chain as it ran (session 17, then session 18, 2026-12-07), from the committe
     jaxdiff export --workdir runs/ldm_shapes_words --out runs/ldm_shapes_words_export
     jaxdiff train --config configs/ldm_shapes_canon.py:first --workdir runs/ldm_shapes_canon_first   # 800 steps
     jaxdiff export --workdir runs/ldm_shapes_canon_first --out runs/ldm_shapes_canon_first_export
-    jaxdiff train --config configs/ldm_shapes_canon.py --workdir runs/ldm_shapes_canon               # 2,400 steps
+    jaxdiff train --config configs/ldm_shapes_canon.py --workdir runs/ldm_shapes_canon    # 2,000 steps of 2,400
     jaxdiff export --workdir runs/ldm_shapes_canon --out runs/ldm_shapes_canon_export
 
 (session 18 ran the two canonical stages through docs/shapes_sd/attempt15/train_canon_words.py, whose patched
@@ -42,7 +42,7 @@ def get_config(arg=None):
     c.data.seed = 15
     c.optim = common.optim(learning_rate=3e-4, warmup_steps=50, total_steps=2400, final_lr_ratio=0.1,
                            ema_decay=0.99)
-    c.loop.steps = 2400
+    c.loop.steps = 2000      # of the 2,400-step schedule: the run was stopped there for the study (session 18)
     c.loop.checkpoint_every = 400
     if arg == "smoke":
         c.model.model_dir = ""

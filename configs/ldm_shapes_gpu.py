@@ -5,7 +5,7 @@ memory (`shapes_world_memory:400000`: the train split's first 400,000 examples; 
 
     jaxdiff export --workdir runs/ldm_shapes_long --out runs/ldm_shapes_long_export --overwrite
     jaxdiff train --config configs/ldm_shapes_gpu.py --workdir runs/ldm_shapes_gpu
-    jaxdiff export --workdir runs/ldm_shapes_gpu --out models/shapes_sd --overwrite
+    jaxdiff export --workdir runs/ldm_shapes_gpu --out runs/ldm_shapes_gpu_export --overwrite   # models/shapes_sd until attempt 15
     jaxdiff train --config configs/ldm_shapes_gpu.py:smoke --workdir /tmp/gpu_smoke
 
 Sized for one H100/H200 (stages 1 to 4 were sized for the 2-core CPU): on that CPU the same command runs

@@ -1,5 +1,5 @@
 """The shapes-world Stable Diffusion's UNet, stage 6: stage 5 (`configs/ldm_shapes_gpu.py`, the committed
-`models/shapes_sd` until this stage) fine-tuned on a mix with more relation and count scenes, on the 2-core CPU.
+`models/shapes_sd` until attempt 15) fine-tuned on a mix with more relation and count scenes, on the 2-core CPU.
 
     jaxdiff train --config configs/ldm_shapes_rel.py --workdir runs/ldm_shapes_rel
     jaxdiff export --workdir runs/ldm_shapes_rel --out runs/ldm_shapes_rel_export --overwrite
@@ -25,7 +25,7 @@ import ldm_shapes_gpu
 
 def get_config(arg=None):
     c = ldm_shapes_gpu.get_config()
-    c.model.model_dir = "models/shapes_sd"            # stage 5 at step 2,800
+    c.model.model_dir = "runs/ldm_shapes_gpu_export"  # stage 5 at step 2,800 (models/shapes_sd until attempt 15)
     c.data.source = "shapes_world_memory:80000:relation=0.5,count=0.25"
     c.data.global_batch = 64
     c.data.seed = 13

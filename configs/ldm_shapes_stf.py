@@ -1,5 +1,5 @@
 """The shapes-world Stable Diffusion's UNet, stage 8: stage 5 (`configs/ldm_shapes_gpu.py`, the committed
-`models/shapes_sd`) fine-tuned with the stable target field (Xu et al. 2023), on the 2-core CPU.
+`models/shapes_sd` until attempt 15) fine-tuned with the stable target field (Xu et al. 2023), on the 2-core CPU.
 
     jaxdiff train --config configs/ldm_shapes_stf.py --workdir runs/ldm_shapes_stf
     jaxdiff export --workdir runs/ldm_shapes_stf --out runs/ldm_shapes_stf_export --overwrite
@@ -27,7 +27,7 @@ import ldm_shapes_rel
 
 
 def get_config(arg=None):
-    c = ldm_shapes_rel.get_config(arg)                 # stage 5 (models/shapes_sd), batch 64, lr 1.5e-4
+    c = ldm_shapes_rel.get_config(arg)                 # stage 5 (runs/ldm_shapes_gpu_export), batch 64, lr 1.5e-4
     c.data.seed = 17
     c.ldm.timestep_bias_portion = 0.7
     c.ldm.timestep_bias_begin = 950

@@ -326,7 +326,7 @@ def test_the_recipe_chains_its_stages():
             model_dir = train_cli.load_config(args[2]).model.model_dir
             assert not model_dir or model_dir in exported, (args[2], model_dir, exported)
             stages += 1
-    assert stages == 5 and "models/shapes_sd" in exported
+    assert stages == 10 and "models/shapes_sd" in exported
 
 
 def test_growing_a_unet_that_the_preset_does_not_extend_is_refused(recipe, tmp_path):
