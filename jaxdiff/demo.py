@@ -1,6 +1,6 @@
 """`make demo`: the shapes-world Stable Diffusion trained by jaxdiff draws a labelled grid of prompts.
 
-    python -m jaxdiff.demo [--out out/demo] [--guidance 3] [--steps 25]     # the grid (default)
+    python -m jaxdiff.demo [--out out/demo] [--guidance W] [--steps 25]     # the grid (default)
     python -m jaxdiff.demo --parity                                         # loading + parity vs diffusers
 
 The grid: a few prompts (two of them name colour-shape pairs that training never showed), four
@@ -36,7 +36,11 @@ def main(argv=None):
     ap.add_argument("--parity", action="store_true", help="the random-weight parity demo against diffusers")
     ap.add_argument("--model", default=None, help="grid: a diffusers folder (default: models/shapes_sd)")
     ap.add_argument("--prompt", action="append", help="grid: prompts (repeatable); parity: the one prompt")
-    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="grid: default the model's jaxdiff_sampling.json, else 3")
+    ap.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                    help="grid: guide only the steps with LO <= t/T <= HI (default: the model's jaxdiff_sampling.json, "
+                         "else every step)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--seeds", type=int, default=4, help="grid: images per prompt (seeds 0 .. n-1)")
     ap.add_argument("--seed", type=int, default=0)
@@ -49,8 +53,8 @@ def grid(args):
     from PIL import Image, ImageDraw
 
     from jaxdiff.eval.fidelity import score
-    from jaxdiff.generate import DEFAULT_MODEL
-    from jaxdiff.pipeline import Pipeline
+    from jaxdiff.generate import DEFAULT_MODEL, model_sampling_defaults
+    from jaxdiff.pipeline import Pipeline, check_interval
     model = Path(args.model) if args.model else DEFAULT_MODEL
     if not (model / "model_index.json").is_file():
         if args.model:
@@ -59,12 +63,20 @@ def grid(args):
               "running the parity demo instead", flush=True)
         return parity(args)
     prompts = list(args.prompt or GRID_PROMPTS)
+    own = model_sampling_defaults(model)
+    guidance = args.guidance if args.guidance is not None else own.get("guidance", 3.0)
+    interval = args.guidance_interval.split(",") if args.guidance_interval else own.get("guidance_interval")
+    try:
+        interval = check_interval(interval)
+    except ValueError as e:
+        sys.exit(f"demo: --guidance-interval: {e}")
     t0 = time.time()
     pipe = Pipeline.from_pretrained(model)
     print(f"model {model}: generating {len(prompts)} prompts x {args.seeds} seeds, DDIM {args.steps} steps, "
-          f"guidance {args.guidance:g} ...", flush=True)
-    images = pipe.txt2img(prompts, num_images=args.seeds, steps=args.steps, guidance=args.guidance,
-                          sampler="ddim", seed=args.seed, progress=True)
+          f"guidance {guidance:g}" + (f" for t / T in [{interval[0]:g}, {interval[1]:g}]" if interval else "")
+          + " ...", flush=True)
+    images = pipe.txt2img(prompts, num_images=args.seeds, steps=args.steps, guidance=guidance,
+                          guidance_interval=interval, sampler="ddim", seed=args.seed, progress=True)
     images = np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8)
     cell, label_w = 128, 260
     sheet = Image.new("RGB", (label_w + args.seeds * (cell + 4), len(prompts) * (cell + 4)), "white")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-KEYS = ("mode", "prompt", "negative_prompt", "seed", "steps", "sampler", "guidance", "guidance_rescale", "eta",
-        "clip_skip", "width", "height", "strength", "model", "source_image")
+KEYS = ("mode", "prompt", "negative_prompt", "seed", "steps", "sampler", "guidance", "guidance_rescale",
+        "guidance_interval", "eta", "clip_skip", "width", "height", "strength", "model", "source_image")
 
 
 def _parser(mode: str) -> argparse.ArgumentParser:
@@ -34,6 +34,9 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (default 7.5; "
                     "1 = conditional only, 0 = unconditional only)")
     ap.add_argument("--guidance-rescale", type=float, default=None, help="Lin et al.'s rescale, 0..1 (default 0)")
+    ap.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                    help="guide only the steps with LO <= t/T <= HI (fractions of the schedule's timesteps); the "
+                         "others run the conditional model alone (default: every step)")
     ap.add_argument("--sampler", default=None, help="ddim, ddpm, euler, euler_a, heun, dpm++2m, dpm++2m_karras, "
                     "pndm, unipc (default: the checkpoint's scheduler)")
     ap.add_argument("--eta", type=float, default=None, help="DDIM's eta (default 0)")
@@ -52,10 +55,36 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     return ap
 
 
-DEFAULTS = dict(negative_prompt=None, steps=50, guidance=7.5, guidance_rescale=0.0, eta=0.0, sampler=None,
+DEFAULTS = dict(negative_prompt=None, steps=50, guidance=7.5, guidance_rescale=0.0, guidance_interval=None,
+                eta=0.0, sampler=None,
                 clip_skip=None, seed=0, strength=0.8, num_images=1)
 # The model used without --model: the shapes-world Stable Diffusion trained by jaxdiff, shipped in the repository.
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes_sd"
+# A model folder may carry the sampling settings it was measured with (diffusers ignores the file); they replace
+# DEFAULTS for that model, and flags (or --from-png) replace them.
+SAMPLING_FILE = "jaxdiff_sampling.json"
+SAMPLING_KEYS = ("steps", "guidance", "guidance_rescale", "guidance_interval", "sampler", "eta")
+
+
+def model_sampling_defaults(folder) -> dict:
+    """The sampling settings a model folder recommends (its jaxdiff_sampling.json), {} if it has none."""
+    path = Path(folder) / SAMPLING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"jaxdiff: cannot read {path}: {e}")
+    unknown = sorted(set(saved) - set(SAMPLING_KEYS)) if isinstance(saved, dict) else None
+    if unknown is None or unknown:
+        raise SystemExit(f"jaxdiff: {path}: expected an object with keys among {', '.join(SAMPLING_KEYS)}"
+                         + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    for k, v in saved.items():
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if (k == "steps" and not (number and v == int(v))) or (k in ("guidance", "guidance_rescale", "eta")
+                                                                and not number):
+            raise SystemExit(f"jaxdiff: {path}: {k} must be a number{' (whole)' if k == 'steps' else ''}, got {v!r}")
+    return {k: int(v) if k == "steps" else v for k, v in saved.items()}
 
 
 def read_png_parameters(path) -> dict:
@@ -85,6 +114,11 @@ def _resolve(mode: str, args) -> dict:
     base.update({k.replace("-", "_"): v for k, v in given.items()})
     if not base.get("model") and DEFAULT_MODEL.is_dir():
         base["model"] = str(DEFAULT_MODEL)
+    if base.get("model") and Path(base["model"]).is_dir():       # the model's own settings, under the flags
+        chosen = {k for k in given if k in SAMPLING_KEYS}
+        if args.from_png:
+            chosen |= {k for k in SAMPLING_KEYS if k in saved}
+        base.update({k: v for k, v in model_sampling_defaults(base["model"]).items() if k not in chosen})
     return base
 
 
@@ -113,6 +147,15 @@ def _check(mode: str, p: dict) -> None:
             _fail(mode, f"--{key} must be a positive multiple of 8, got {p[key]}")
     if p["steps"] < 1:
         _fail(mode, f"--steps must be at least 1, got {p['steps']}")
+    gi = p["guidance_interval"]
+    if gi is not None:                           # "LO,HI" from the flag, [lo, hi] from a PNG
+        from jaxdiff.pipeline import check_interval
+        parts = gi.split(",") if isinstance(gi, str) else gi
+        try:
+            p["guidance_interval"] = list(check_interval(parts))
+        except ValueError as e:
+            _fail(mode, f"--guidance-interval: {e}" if len(parts) == 2 else
+                  f"--guidance-interval must be LO,HI (two numbers), got {gi!r}")
     if p["num_images"] < 1:
         _fail(mode, f"--num-images must be at least 1, got {p['num_images']}")
     if mode == "img2img" and not 0.0 <= p["strength"] <= 1.0:
@@ -177,6 +220,7 @@ def run(mode: str, argv=None) -> list[Path]:
         pipe = Pipeline.from_pretrained(p["model"], dtype=jnp.bfloat16 if p["dtype"] == "bfloat16" else jnp.float32)
         common = dict(num_images=p["num_images"], steps=p["steps"], guidance=p["guidance"], sampler=p["sampler"],
                       seed=p["seed"], eta=p["eta"], guidance_rescale=p["guidance_rescale"],
+                      guidance_interval=p["guidance_interval"],
                       clip_skip=p["clip_skip"], progress=not p["no_progress"])
         if mode == "txt2img":
             images = pipe.txt2img(p["prompt"], p["negative_prompt"], height=p.get("height"), width=p.get("width"),
@@ -192,7 +236,8 @@ def run(mode: str, argv=None) -> list[Path]:
     for i, (img, seed) in enumerate(zip(images, seeds_for(p["seed"], len(images)))):
         params = dict(mode=mode, prompt=p["prompt"], negative_prompt=p["negative_prompt"], seed=seed,
                       steps=p["steps"], sampler=sampler, guidance=p["guidance"],
-                      guidance_rescale=p["guidance_rescale"], eta=p["eta"], clip_skip=p["clip_skip"], width=w,
+                      guidance_rescale=p["guidance_rescale"], guidance_interval=p["guidance_interval"],
+                      eta=p["eta"], clip_skip=p["clip_skip"], width=w,
                       height=h, model=str(Path(p["model"]).resolve()))
         if mode == "img2img":
             params.update(strength=p["strength"], source_image=str(Path(p["image"]).resolve()))

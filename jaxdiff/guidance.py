@@ -41,17 +41,33 @@ def mode_for(scale: float) -> str:
     return "cond" if scale == 1 else "uncond" if scale == 0 else "cfg"
 
 
-def classifier_free(model: Callable, cond, uncond, scale, *, rescale=0.0, mode: str = "cfg") -> Callable:
-    """A denoiser ``(x, t) -> output`` guided by one model call per step on the paired batch."""
+def classifier_free(model: Callable, cond, uncond, scale, *, rescale=0.0, mode: str = "cfg",
+                    interval=None) -> Callable:
+    """A denoiser ``(x, t) -> output`` guided by one model call per step on the paired batch.
+
+    ``interval`` = (t_lo, t_hi), in the model's timesteps: guide only the calls with t_lo <= t <= t_hi and
+    run the conditional model alone (w = 1, half the batch) on the others (Kynkaanniemi et al. 2024,
+    "Applying guidance in a limited interval"). The branch is a ``lax.cond`` on the step's scalar t.
+    """
     if mode == "cond":
         return lambda x, t: model(x, t, cond)
     if mode == "uncond":
         return lambda x, t: model(x, t, uncond)
     both = pair(uncond, cond)
 
-    def denoise(x, t):
+    def guided(x, t):
         out_u, out_c = unpair(model(pair(x, x), t, both))
         return combine(out_u, out_c, scale, rescale)
+    if interval is None:
+        return guided
+    lo, hi = interval
+
+    def denoise(x, t):
+        inside = jnp.logical_and(t >= lo, t <= hi)
+        if jnp.ndim(inside):
+            raise ValueError(f"a guidance interval needs one timestep per call, got t of shape {jnp.shape(t)}")
+        dtype = jax.eval_shape(guided, x, t).dtype                  # both branches must return one type
+        return jax.lax.cond(inside, guided, lambda x, t: model(x, t, cond).astype(dtype), x, t)
     return denoise
 
 

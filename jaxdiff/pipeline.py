@@ -49,6 +49,7 @@ class _Program:
     schedule: S.Schedule
     mode: str                 # "cfg" | "cond" | "uncond"
     rescale: bool             # guidance rescale on
+    interval: bool            # guidance only inside a timestep interval
     stochastic: bool
     img2img: bool
     output: str               # "image" | "latent"
@@ -96,7 +97,8 @@ def _program(st: _Program):
             return unet.apply({"params": params["unet"]}, x, t, ctx).astype(jnp.float32)
 
         denoise = G.classifier_free(model, ctx_c, ctx_u, scalars["w"],
-                                    rescale=scalars["rescale"] if st.rescale else 0.0, mode=st.mode)
+                                    rescale=scalars["rescale"] if st.rescale else 0.0, mode=st.mode,
+                                    interval=(scalars["t_lo"], scalars["t_hi"]) if st.interval else None)
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
         x = SM.sample(denoise, st.schedule, arrays, x.astype(jnp.float32), stochastic=st.stochastic,
                       keys=step_keys, callback=_tick if st.progress else None)
@@ -106,6 +108,20 @@ def _program(st: _Program):
         return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     return jax.jit(run)
+
+
+def check_interval(interval, error=ValueError):
+    """A guidance interval as (lo, hi) floats with 0 <= lo <= hi <= 1, or None; ``error`` names the problem."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise error(f"guidance_interval must be two numbers (lo, hi), got {interval!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise error(f"guidance_interval must have 0 <= lo <= hi <= 1 (fractions of the schedule's timesteps), "
+                    f"got ({lo:g}, {hi:g})")
+    return lo, hi
 
 
 def _as_list(x, name) -> list[str]:
@@ -156,8 +172,13 @@ class Pipeline:
     def txt2img(self, prompt, negative_prompt=None, *, num_images: int = 1, steps: int = 50,
                 guidance: float = 7.5, sampler: str | None = None, seed: int = 0, height: int | None = None,
                 width: int | None = None, eta: float = 0.0, guidance_rescale: float = 0.0,
-                clip_skip: int | None = None, latents=None, output: str = "image", progress: bool = False):
+                guidance_interval=None, clip_skip: int | None = None, latents=None, output: str = "image",
+                progress: bool = False):
         """Images [N, H, W, 3] float32 in [0, 1] (or final latents [N, C, h, w] with output="latent").
+
+        ``guidance_interval`` = (lo, hi), fractions of the training schedule's timesteps: guidance w acts
+        only on the steps whose timestep t has lo <= t / T <= hi; the others run the conditional model
+        alone (Kynkaanniemi et al. 2024). None (default): every step.
 
         ``latents``: initial noise in diffusers' layout [N, C, h, w] (before init_noise_sigma), for
         comparisons with diffusers; otherwise image i's noise comes from seed + i, so any image can
@@ -165,11 +186,13 @@ class Pipeline:
         """
         height, width = self._size(height, width)
         return self._generate(prompt, negative_prompt, num_images, steps, guidance, sampler, seed, height,
-                              width, eta, guidance_rescale, clip_skip, output, progress, latents=latents)
+                              width, eta, guidance_rescale, guidance_interval, clip_skip, output, progress,
+                              latents=latents)
 
     def img2img(self, image, prompt, negative_prompt=None, *, strength: float = 0.8, num_images: int = 1,
                 steps: int = 50, guidance: float = 7.5, sampler: str | None = None, seed: int = 0,
-                eta: float = 0.0, guidance_rescale: float = 0.0, clip_skip: int | None = None, noise=None,
+                eta: float = 0.0, guidance_rescale: float = 0.0, guidance_interval=None,
+                clip_skip: int | None = None, noise=None,
                 encode_noise=None, output: str = "image", progress: bool = False):
         """SDEdit (Meng et al. 2022): encode ``image`` [N, H, W, 3] (or [H, W, 3]) in [0, 1], noise it
         to ``strength`` of the schedule, denoise from there. ``noise`` / ``encode_noise`` [N, C, h, w]
@@ -185,7 +208,7 @@ class Pipeline:
             raise GenerationError(f"image values must be in [0, 1], got [{img.min():.3g}, {img.max():.3g}]")
         height, width = self._size(img.shape[1], img.shape[2])
         return self._generate(prompt, negative_prompt, num_images, steps, guidance, sampler, seed, height,
-                              width, eta, guidance_rescale, clip_skip, output, progress, image=img,
+                              width, eta, guidance_rescale, guidance_interval, clip_skip, output, progress, image=img,
                               strength=float(strength), noise=noise, encode_noise=encode_noise)
 
     # ------------------------------------------------------------------ internals
@@ -199,7 +222,7 @@ class Pipeline:
         return int(height), int(width)
 
     def _generate(self, prompt, negative_prompt, num_images, steps, guidance, sampler, seed, height, width,
-                  eta, guidance_rescale, clip_skip, output, progress, *, latents=None, image=None,
+                  eta, guidance_rescale, guidance_interval, clip_skip, output, progress, *, latents=None, image=None,
                   strength=None, noise=None, encode_noise=None):
         prompts = _as_list(prompt, "prompt")
         negs = _as_list(negative_prompt, "negative_prompt") if negative_prompt is not None else [""]
@@ -215,6 +238,7 @@ class Pipeline:
             raise GenerationError(f"output must be 'image' or 'latent', got {output!r}")
         if not math.isfinite(guidance):
             raise GenerationError(f"guidance must be finite, got {guidance}")
+        interval = check_interval(guidance_interval, GenerationError)
         if clip_skip is not None and not 0 <= clip_skip < self.model.text_config.num_hidden_layers:
             raise GenerationError(f"clip_skip must be in [0, {self.model.text_config.num_hidden_layers}), got {clip_skip}")
         schedule = S.resolve(self.model.scheduler_config, sampler)
@@ -237,10 +261,13 @@ class Pipeline:
 
         st = _Program(self.model.unet_config, self.model.vae_config, self.model.text_config,
                       jax.tree.leaves(self.params["unet"])[0].dtype, schedule, G.mode_for(guidance),
-                      guidance_rescale != 0, plan.stochastic, image is not None, output, clip_skip, progress,
+                      guidance_rescale != 0, interval is not None and G.mode_for(guidance) == "cfg", plan.stochastic, image is not None, output, clip_skip, progress,
                       (height // f, width // f, c))
+        lo, hi = (0.0, 1.0) if interval is None else interval
+        T = schedule.num_train_timesteps
         scalars = {k: np.float32(v) for k, v in dict(w=guidance, rescale=guidance_rescale, init_sigma=plan.init_noise_sigma,
-                                                     noise_a=plan.noise_a, noise_s=plan.noise_s).items()}
+                                                     noise_a=plan.noise_a, noise_s=plan.noise_s,
+                                                     t_lo=lo * T, t_hi=hi * T).items()}
         batch = dict(ids_c=tok(prompts), ids_u=tok(negs), seeds=seeds,
                      start=None if start is None else np.asarray(start, np.float32),
                      enc_noise=encode_noise, noise=noise)

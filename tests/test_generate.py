@@ -116,6 +116,44 @@ def test_guidance_one_and_zero(sd):
     assert np.abs(got0 - negs).max() <= 1e-3 * np.abs(negs).max()
 
 
+def test_guidance_interval_matches_a_diffusers_loop(sd):
+    """guidance_interval=(lo, hi): w on the steps with lo <= t / T <= hi, the conditional model alone on the
+    others; against diffusers' UNet and DDIM scheduler stepped by hand; (0, 1) is plain guidance."""
+    _, torch_pipe, pipe = sd
+    pipe = _variant(torch_pipe, pipe, "DDIMScheduler", "ddim")
+    lat, w, (lo, hi) = _latents(3), 5.0, (0.0, 0.5)
+    unet, sched = torch_pipe.unet, torch_pipe.scheduler
+    T = sched.config.num_train_timesteps
+    with torch.no_grad():
+        pos, neg = torch_pipe.encode_prompt(PROMPTS, "cpu", 1, True, NEGATIVE)
+        sched.set_timesteps(8)
+        x, guided = torch.tensor(lat) * sched.init_noise_sigma, []
+        for t in sched.timesteps:
+            if lo * T <= t <= hi * T:
+                eps_u, eps_c = unet(torch.cat([x, x]), t, torch.cat([neg, pos])).sample.chunk(2)
+                eps = eps_u + w * (eps_c - eps_u)
+            else:
+                eps = unet(x, t, pos).sample
+            guided.append(bool(lo * T <= t <= hi * T))
+            x = sched.step(eps, t, x).prev_sample
+    want = x.numpy()
+    assert 0 < sum(guided) < len(guided)                     # both kinds of step happened
+    kw = dict(steps=8, guidance=w, latents=lat, height=SIZE, width=SIZE, output="latent")
+    got = pipe.txt2img(PROMPTS, NEGATIVE, guidance_interval=(lo, hi), **kw)
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    plain, cond = pipe.txt2img(PROMPTS, NEGATIVE, **kw), pipe.txt2img(PROMPTS, NEGATIVE, **dict(kw, guidance=1.0))
+    assert min(np.abs(got - plain).max(), np.abs(got - cond).max()) > 1e-2 * np.abs(want).max()
+    np.testing.assert_allclose(pipe.txt2img(PROMPTS, NEGATIVE, guidance_interval=(0, 1), **kw), plain, atol=1e-6)
+    n = PL.TRACES["generate"]
+    pipe.txt2img(PROMPTS, NEGATIVE, guidance_interval=(0.2, 0.9), **kw)     # another interval: same program
+    assert PL.TRACES["generate"] == n
+    for bad, message in (((0.6, 0.2), "0 <= lo <= hi <= 1"), ((0, 2), "0 <= lo <= hi <= 1"),
+                         ((0.5,), "two numbers"), ("ab", "two numbers")):
+        with pytest.raises(GenerationError, match=message):
+            pipe.txt2img("x", guidance_interval=bad, height=SIZE, width=SIZE)
+    assert PL.TRACES["generate"] == n
+
+
 def _photo(size=SIZE):
     from PIL import Image
     from skimage import data

@@ -22,18 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-GUIDANCE = (0.0, 1.0, 3.0, 5.0, 7.5)
+GUIDANCE = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5)      # the issue's grid, plus w = 2 (the shapes-world model's best)
 STRENGTHS = (0.3, 0.6, 0.9)
 
 
-def generate(pipe, prompts, guidance, steps, sampler, seed=0, batch=125, image=None, strength=None,
-             guidance_rescale=0.0):
-    """uint8 images for ``prompts`` (image i: seed + i), in fixed-size batches (one compile)."""
+def generate(pipe, prompts, guidance, steps, sampler, seed=0, batch=125, image=None, strength=None, **guide):
+    """uint8 images for ``prompts`` (image i: seed + i), in fixed-size batches (one compile); ``guide``:
+    the pipeline's other guidance options (guidance_rescale, guidance_interval)."""
     out = []
     for i in range(0, len(prompts), batch):
         chunk = list(prompts[i:i + batch])
         pad = batch - len(chunk)
-        kw = dict(steps=steps, guidance=guidance, sampler=sampler, seed=seed + i, guidance_rescale=guidance_rescale)
+        kw = dict(steps=steps, guidance=guidance, sampler=sampler, seed=seed + i, **guide)
         if image is None:
             imgs = pipe.txt2img(chunk + chunk[-1:] * pad, **kw)
         else:
@@ -58,7 +58,8 @@ def captions_of(split: str, n: int, kind: str | None = None) -> list[str]:
     return out
 
 
-def quick_check(pipe, n_val, n_heldout, guidance=3.0, kind=None, steps=25, sampler="ddim", log=print) -> list:
+def quick_check(pipe, n_val, n_heldout, guidance=3.0, kind=None, steps=25, sampler="ddim", log=print,
+                **guide) -> list:
     """Fidelity at one guidance weight on the first captions of each split (of one kind if given)."""
     from jaxdiff.eval import fidelity
     rows = []
@@ -67,7 +68,7 @@ def quick_check(pipe, n_val, n_heldout, guidance=3.0, kind=None, steps=25, sampl
             continue
         t = time.perf_counter()
         prompts = captions_of(split, n, kind)
-        rep = fidelity.evaluate(generate(pipe, prompts, guidance, steps, sampler), prompts)
+        rep = fidelity.evaluate(generate(pipe, prompts, guidance, steps, sampler, **guide), prompts)
         rows.append({"split": split, "kind": kind, "n": n, "guidance": guidance, "fidelity": rep["overall"]["accuracy"],
                      "by_kind": {k: v["accuracy"] for k, v in rep["by_kind"].items()},
                      "by_attribute": {k: v["accuracy"] for k, v in rep["by_attribute"].items()},
@@ -95,7 +96,7 @@ def recolour(scene, rng):
     return text
 
 
-def guidance_study(pipe, n_val, n_heldout, steps, sampler, weights=GUIDANCE, log=print, guidance_rescale=0.0):
+def guidance_study(pipe, n_val, n_heldout, steps, sampler, weights=GUIDANCE, log=print, **guide):
     from jaxdiff.data import shapes_world as sw
     from jaxdiff.eval import fidelity, frechet
     rows = []
@@ -107,7 +108,7 @@ def guidance_study(pipe, n_val, n_heldout, steps, sampler, weights=GUIDANCE, log
         real = np.stack([sw.render(s, 64) for s in scenes])
         for w in weights:
             t = time.perf_counter()
-            images = generate(pipe, prompts, w, steps, sampler, guidance_rescale=guidance_rescale)
+            images = generate(pipe, prompts, w, steps, sampler, **guide)
             rep = fidelity.evaluate(images, prompts)
             row = {"split": split, "guidance": w, "n": n, "fidelity": rep["overall"]["accuracy"],
                    "by_kind": {k: v["accuracy"] for k, v in rep["by_kind"].items()},
@@ -120,7 +121,7 @@ def guidance_study(pipe, n_val, n_heldout, steps, sampler, weights=GUIDANCE, log
     return rows
 
 
-def sdedit_study(pipe, n, steps, sampler, guidance, strengths=STRENGTHS, log=print, guidance_rescale=0.0):
+def sdedit_study(pipe, n, steps, sampler, guidance, strengths=STRENGTHS, log=print, **guide):
     """Recolour the object of n one-object validation scenes (real renders) at each strength."""
     from jaxdiff.data import shapes_world as sw
     from jaxdiff.eval import fidelity
@@ -137,8 +138,7 @@ def sdedit_study(pipe, n, steps, sampler, guidance, strengths=STRENGTHS, log=pri
     rows = [{"strength": 0.0, "n": n, "edit_fidelity": original,
              "kept_original": fidelity.evaluate(real, [s.caption for s in scenes])["overall"]["accuracy"]}]
     for st in strengths:
-        images = generate(pipe, edits, guidance, steps, sampler, image=real, strength=st,
-                          guidance_rescale=guidance_rescale)
+        images = generate(pipe, edits, guidance, steps, sampler, image=real, strength=st, **guide)
         rows.append({"strength": st, "n": n, "edit_fidelity": fidelity.evaluate(images, edits)["overall"]["accuracy"],
                      "kept_original": fidelity.evaluate(images, [s.caption for s in scenes])["overall"]["accuracy"]})
         log(f"SDEdit strength {st}: edited prompt {100 * rows[-1]['edit_fidelity']:5.1f} %, "
@@ -149,9 +149,11 @@ def sdedit_study(pipe, n, steps, sampler, guidance, strengths=STRENGTHS, log=pri
 def markdown(result) -> str:
     from jaxdiff.data.shapes_world import KINDS
     g, e = result["guidance"], result["sdedit"]
-    rescale = result.get("guidance_rescale", 0.0)
+    rescale, interval = result.get("guidance_rescale", 0.0), result.get("guidance_interval")
     lines = [f"Model `{result['model']}`, {result['sampler']} {result['steps']} steps"
-             + (f", guidance rescale {rescale:g}" if rescale else "") + ", image i seeded with i.", "",
+             + (f", guidance rescale {rescale:g}" if rescale else "")
+             + (f", guidance only for t / T in [{interval[0]:g}, {interval[1]:g}] (the conditional model alone "
+                "elsewhere)" if interval else "") + ", image i seeded with i.", "",
              "| split | w | fidelity | " + " | ".join(KINDS) + " | Frechet |", "|---|---|---|" + "---|" * len(KINDS) + "---|"]
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"                     # noqa: E731
     for r in g:
@@ -219,6 +221,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one guidance weight, fidelity only (see above)")
     ap.add_argument("--kind", help="--quick: only captions of this scene kind (single, relation, count, background)")
     ap.add_argument("--guidance", type=float, default=3.0, help="--quick: the guidance weight")
+    ap.add_argument("--weights", default=",".join(f"{w:g}" for w in GUIDANCE),
+                    help="the study's guidance weights, comma-separated (default %(default)s)")
     ap.add_argument("--json", help="--quick: write the rows here")
     ap.add_argument("--sdedit", type=int, default=200, help="images recoloured per strength")
     ap.add_argument("--steps", type=int, default=25)
@@ -226,6 +230,9 @@ def main(argv=None):
     ap.add_argument("--sdedit-guidance", type=float, default=5.0)
     ap.add_argument("--guidance-rescale", type=float, default=0.0,
                     help="Lin et al.'s CFG rescale (0.7 for zero-terminal-SNR models; 0: plain CFG)")
+    ap.add_argument("--guidance-interval", metavar="LO,HI",
+                    help="guide only the steps with LO <= t/T <= HI, the conditional model alone on the others "
+                         "(Kynkaanniemi et al. 2024; default: every step)")
     args = ap.parse_args(argv)
     if args.quick == bool(args.out):
         ap.error("give --out DIR for the study, or --quick for the short check")
@@ -239,15 +246,28 @@ def main(argv=None):
     n_held = args.heldout if args.heldout is not None else (100 if args.quick else 300)
     if n_val < 0 or n_held < 0 or n_val + n_held == 0:
         ap.error("--n and --heldout must be >= 0, and not both 0")
+    try:
+        weights = tuple(float(w) for w in args.weights.split(","))
+    except ValueError:
+        ap.error(f"--weights: expected numbers separated by commas, got {args.weights!r}")
+    if not all(np.isfinite(w) and w >= 0 for w in weights):
+        ap.error(f"--weights must be finite and >= 0, got {args.weights!r}")
     if args.json and not Path(args.json).parent.is_dir():
         ap.error(f"--json: folder {Path(args.json).parent} does not exist")
-    from jaxdiff.pipeline import Pipeline
+    from jaxdiff.pipeline import Pipeline, check_interval
+    guide = {"guidance_rescale": args.guidance_rescale}
+    if args.guidance_interval:
+        try:
+            guide["guidance_interval"] = list(check_interval(args.guidance_interval.split(",")))
+        except ValueError as e:
+            ap.error(f"--guidance-interval LO,HI: {e}")
     if args.quick:
         pipe = Pipeline.from_pretrained(args.model)
-        rows = quick_check(pipe, n_val, n_held, args.guidance, args.kind, args.steps, args.sampler)
+        rows = quick_check(pipe, n_val, n_held, args.guidance, args.kind, args.steps, args.sampler, **guide)
         if args.json:
             from jaxdiff.eval.fidelity import write_json
-            write_json({"model": args.model, "steps": args.steps, "sampler": args.sampler, "rows": rows}, args.json)
+            write_json({"model": args.model, "steps": args.steps, "sampler": args.sampler, **guide, "rows": rows},
+                       args.json)
             print(f"wrote {args.json}")
         return 0
     out = Path(args.out)
@@ -255,11 +275,9 @@ def main(argv=None):
     pipe = Pipeline.from_pretrained(args.model)
     t = time.perf_counter()
     result = {"model": args.model, "steps": args.steps, "sampler": args.sampler,
-              "sdedit_guidance": args.sdedit_guidance, "guidance_rescale": args.guidance_rescale,
-              "guidance": guidance_study(pipe, n_val, n_held, args.steps, args.sampler,
-                                         guidance_rescale=args.guidance_rescale),
-              "sdedit": sdedit_study(pipe, args.sdedit, args.steps, args.sampler, args.sdedit_guidance,
-                                     guidance_rescale=args.guidance_rescale)}
+              "sdedit_guidance": args.sdedit_guidance, **guide,
+              "guidance": guidance_study(pipe, n_val, n_held, args.steps, args.sampler, weights, **guide),
+              "sdedit": sdedit_study(pipe, args.sdedit, args.steps, args.sampler, args.sdedit_guidance, **guide)}
     result["seconds"] = time.perf_counter() - t
     for name, text in (("study.json", json.dumps(result, indent=1)), ("study.md", markdown(result)),
                        ("study.svg", svg_plot(result["guidance"]))):
