@@ -56,7 +56,8 @@ shapes-sd: setup
 	$(JD) export --workdir runs/ldm_shapes_canon_first --out runs/ldm_shapes_canon_first_export --overwrite
 	$(JD) train --config configs/ldm_shapes_canon.py --workdir runs/ldm_shapes_canon
 	$(JD) export --workdir runs/ldm_shapes_canon --out models/shapes_sd --overwrite
-	$(PY) -m jaxdiff.eval.study --model models/shapes_sd --out docs/shapes_sd
+	printf '{\n  "steps": 25,\n  "guidance": 2.0,\n  "guidance_interval": [0.0, 0.5]\n}\n' > models/shapes_sd/jaxdiff_sampling.json
+	$(PY) -m jaxdiff.eval.study --model models/shapes_sd --out docs/shapes_sd --guidance-interval 0,0.5 --weights 0,1,1.5,2,3,5,7.5
 
 bench: setup
 	$(PY) -m jaxdiff.bench unet --preset sd15

@@ -30,16 +30,17 @@ def _parser(mode: str) -> argparse.ArgumentParser:
                     "default: the shapes-world model in models/shapes_sd")
     ap.add_argument("--prompt", help="what to draw")
     ap.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
-    ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (default 7.5; "
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default* 50; a default marked * "
+                    "comes from the model's jaxdiff_sampling.json when it has one)")
+    ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w (default* 7.5; "
                     "1 = conditional only, 0 = unconditional only)")
-    ap.add_argument("--guidance-rescale", type=float, default=None, help="Lin et al.'s rescale, 0..1 (default 0)")
+    ap.add_argument("--guidance-rescale", type=float, default=None, help="Lin et al.'s rescale, 0..1 (default* 0)")
     ap.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                     help="guide only the steps with LO <= t/T <= HI (fractions of the schedule's timesteps); the "
-                         "others run the conditional model alone (default: every step)")
+                         "others run the conditional model alone (default*: every step)")
     ap.add_argument("--sampler", default=None, help="ddim, ddpm, euler, euler_a, heun, dpm++2m, dpm++2m_karras, "
-                    "pndm, unipc (default: the checkpoint's scheduler)")
-    ap.add_argument("--eta", type=float, default=None, help="DDIM's eta (default 0)")
+                    "pndm, unipc (default*: the checkpoint's scheduler)")
+    ap.add_argument("--eta", type=float, default=None, help="DDIM's eta (default* 0)")
     ap.add_argument("--clip-skip", type=int, default=None, help="condition on the text encoder's layer -1-k")
     ap.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default 0)")
     ap.add_argument("--num-images", type=int, default=None, help="images per prompt (default 1)")

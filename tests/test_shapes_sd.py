@@ -189,15 +189,18 @@ def test_context_refiner_stage(recipe, tmp_path):
     base = load_pretrained(recipe / "sd")
     args = ["--config", "configs/ldm_shapes_ctx.py:smoke", f"--config.model.model_dir={recipe / 'sd'}",
             "--config.model.unet_position_embedding=0"]      # the recipe's UNet has none: only the refiner is new
-    train_cli.main(args + ["--workdir", str(tmp_path / "zero"), "--config.loop.steps=1",
-                           "--config.optim.learning_rate=0"])
-    top.main(["export", "--workdir", str(tmp_path / "zero"), "--out", str(tmp_path / "zero_sd"), "--raw-params"])
+    import dataclasses
+
+    from flax import linen as nn
+
     from jaxdiff.unet import UNet
-    zero = load_pretrained(tmp_path / "zero_sd")
+    config = train_cli.apply_overrides(train_cli.load_config(args[1]), [a[len("--config."):] for a in args[2:]])
+    start = nn.unbox(train_cli.build(config)[0].init(jax.random.key(0)))["unet"]   # what step 1 starts from
     x, ctx = jax.random.normal(jax.random.key(0), (2, 4, 4, 4)), jax.random.normal(jax.random.key(1), (2, 20, 32))
-    eps = lambda sd: UNet(sd.unet_config).apply({"params": sd.params["unet"]}, x, np.array([10, 900]), ctx)  # noqa: E731
-    assert zero.unet_config.context_refiner == 2
-    np.testing.assert_array_equal(eps(zero), eps(base))           # the same UNet function before any step
+    eps = lambda cfg, p: UNet(cfg).apply({"params": p}, x, np.array([10, 900]), ctx)  # noqa: E731
+    assert "context_refiner" in start and "context_refiner" not in base.params["unet"]
+    np.testing.assert_array_equal(eps(dataclasses.replace(base.unet_config, context_refiner=2), start),
+                                  eps(base.unet_config, base.params["unet"]))   # the same UNet function before any step
     sample = lambda sd: np.asarray(Pipeline.from_model(sd).txt2img(  # noqa: E731
         "a red circle to the left of a blue square", steps=3, guidance=3.0, seed=0, height=32, width=32))
     train_cli.main(args + ["--workdir", str(tmp_path / "ldm"), "--config.loop.steps=2"])
@@ -317,16 +320,19 @@ def test_the_recipe_chains_its_stages():
     """Each UNet stage of `make shapes-sd` starts from the folder the stage before it exported."""
     import shlex
     from pathlib import Path
-    exported, stages = set(), 0
+    exported, stages, sampling = set(), 0, None
     for line in Path("Makefile").read_text().split("shapes-sd:")[1].split("\n\n")[0].splitlines():
         args = shlex.split(line.strip())[1:]
-        if args[:1] == ["export"]:
+        if line.strip().startswith("printf") and args[-1] == "models/shapes_sd/jaxdiff_sampling.json":
+            sampling = json.loads(args[0].replace("\\n", "\n"))
+        elif args[:1] == ["export"]:
             exported.add(args[args.index("--out") + 1])
         elif args[:1] == ["train"] and "ldm_shapes" in args[2]:
             model_dir = train_cli.load_config(args[2]).model.model_dir
             assert not model_dir or model_dir in exported, (args[2], model_dir, exported)
             stages += 1
     assert stages == 10 and "models/shapes_sd" in exported
+    assert sampling == json.loads(Path("models/shapes_sd/jaxdiff_sampling.json").read_text())   # what it measured with
 
 
 def test_growing_a_unet_that_the_preset_does_not_extend_is_refused(recipe, tmp_path):
@@ -377,7 +383,10 @@ def test_study_tables_and_plot(recipe, tmp_path):
     assert edits[0]["strength"] == 0 and edits[0]["kept_original"] == 1.0 and edits[0]["edit_fidelity"] == 0.0
     md = study.markdown({"model": "m", "steps": 2, "sampler": "ddim", "sdedit_guidance": 3.0, "guidance": rows,
                          "sdedit": edits})
-    assert md.count("| validation (4) |") == 2 and "| 0.5 |" in md
+    assert md.count("| validation (4) |") == 2 and "| 0.5 |" in md and "guidance only" not in md
+    assert "guidance only for t / T in [0, 0.5]" in study.markdown(
+        {"model": "m", "steps": 2, "sampler": "ddim", "sdedit_guidance": 3.0, "guidance": rows, "sdedit": edits,
+         "guidance_interval": [0.0, 0.5]})
     assert "Why relations and counts fail" in md and md.count("| heldout | 3 |") == 2   # per attribute, diagnostics
     older = [{k: v for k, v in r.items() if k != "diagnostics"} for r in rows]      # a study.json from before
     assert "Why relations" not in study.markdown({"model": "m", "steps": 2, "sampler": "ddim", "sdedit_guidance": 3.0,
@@ -395,8 +404,10 @@ def test_quick_check(recipe, tmp_path, capsys):
                            if s.kind == "relation")
     out = tmp_path / "quick.json"
     assert study.main(["--model", str(recipe / "sd"), "--quick", "--kind", "relation", "--n", "3", "--heldout", "1",
-                       "--steps", "2", "--guidance", "2", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+                       "--steps", "2", "--guidance", "2", "--guidance-interval", "0,0.5", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["guidance_interval"] == [0.0, 0.5]
     assert [(r["split"], r["n"], r["guidance"], r["kind"]) for r in rows] == [("validation", 3, 2.0, "relation"),
                                                                             ("heldout", 1, 2.0, "relation")]
     assert all(0 <= r["fidelity"] <= 1 and set(r["by_kind"]) >= {"relation"} for r in rows)
@@ -404,7 +415,10 @@ def test_quick_check(recipe, tmp_path, capsys):
     for bad, match in ((["--quick", "--out", str(tmp_path)], "--out DIR for the study, or --quick"),
                        (["--out", str(tmp_path), "--kind", "relation"], "belong to --quick"),
                        (["--quick", "--kind", "relations"], "expected one of"),
-                       (["--quick", "--n", "0", "--heldout", "0"], "not both 0")):
+                       (["--quick", "--n", "0", "--heldout", "0"], "not both 0"),
+                       (["--quick", "--guidance-interval", "0.5,0.1"], "0 <= lo <= hi <= 1"),
+                       (["--out", str(tmp_path), "--weights", "1,x"], "--weights: expected numbers"),
+                       (["--out", str(tmp_path), "--weights", "1,-2"], "finite and >= 0")):
         with pytest.raises(SystemExit):
             study.main(["--model", str(tmp_path / "missing")] + bad)
         assert match in capsys.readouterr().err
