@@ -261,7 +261,8 @@ class Pipeline:
 
         st = _Program(self.model.unet_config, self.model.vae_config, self.model.text_config,
                       jax.tree.leaves(self.params["unet"])[0].dtype, schedule, G.mode_for(guidance),
-                      guidance_rescale != 0, interval is not None and G.mode_for(guidance) == "cfg", plan.stochastic, image is not None, output, clip_skip, progress,
+                      guidance_rescale != 0, interval is not None and G.mode_for(guidance) == "cfg", plan.stochastic,
+                      image is not None, output, clip_skip, progress,
                       (height // f, width // f, c))
         lo, hi = (0.0, 1.0) if interval is None else interval
         T = schedule.num_train_timesteps
