@@ -14,7 +14,7 @@ The chain as it ran (session 17, then session 18, 2026-12-07), from the committe
     jaxdiff train --config configs/ldm_shapes_canon.py:first --workdir runs/ldm_shapes_canon_first   # 800 steps
     jaxdiff export --workdir runs/ldm_shapes_canon_first --out runs/ldm_shapes_canon_first_export
     jaxdiff train --config configs/ldm_shapes_canon.py --workdir runs/ldm_shapes_canon    # 2,000 steps of 2,400
-    jaxdiff export --workdir runs/ldm_shapes_canon --out runs/ldm_shapes_canon_export
+    jaxdiff export --workdir runs/ldm_shapes_canon --out runs/ldm_shapes_canon_export   # models/shapes_sd until attempt 17
 
 (session 18 ran the two canonical stages through docs/shapes_sd/attempt15/train_canon_words.py, whose patched
 layouts draw the same scenes as `canonical=1`: checked for the first 400 train examples, with the two exports

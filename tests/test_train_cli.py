@@ -127,11 +127,12 @@ def test_text_token_loss_run(tmp_path, capsys):
 
 
 def test_canonical_relation_stages_load_and_their_sources_open():
-    # configs/ldm_shapes_canon.py (attempt 15): both stages keep the token-identity loss and train on canonical
-    # relation layouts; their data sources, shrunk to 8 examples, open with the same captions as without
+    # configs/ldm_shapes_canon.py (attempt 15) and configs/ldm_shapes_bind.py (attempt 17): each stage keeps the
+    # token-identity loss and trains on canonical relation layouts; their data sources, shrunk to 8 examples, open
+    # with the same captions as without
     from jaxdiff.data import pipeline as pl
-    for variant in ("first", ""):
-        c = cli.load_config("configs/ldm_shapes_canon.py" + (":" + variant if variant else ""))
+    for path in ("configs/ldm_shapes_canon.py:first", "configs/ldm_shapes_canon.py", "configs/ldm_shapes_bind.py"):
+        c = cli.load_config(path)
         assert c.ldm.text_token_loss > 0 and c.ldm.train_text_encoder and c.model.model_dir
         spec = c.data.source.replace(":40000:", ":8:")
         assert spec.endswith(",canonical=1")
