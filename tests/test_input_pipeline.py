@@ -246,7 +246,7 @@ def test_shapes_world_memory_source():
         np.testing.assert_array_equal(src[i]["image"], want["image"])
         assert src[i]["caption"] == want["caption"]
     assert len({c["caption"] for c in src}) > 1
-    with pytest.raises(ValueError, match=r"shapes_world_memory:N\[:KIND=FRACTION,...\]\[,renders=K\]\[,canonical=1\] with N a"):
+    with pytest.raises(ValueError, match=r"shapes_world_memory:N\[:KIND=FRACTION,...\]\[,renders=K\]\[,canonical=1\]\[,shared=F\] with N a"):
         pl.open_source("shapes_world_memory:lots")
     with pytest.raises(ValueError, match="resolution one of"):
         pl.shapes_world_memory(4, resolution=48)
@@ -371,6 +371,17 @@ def test_shapes_world_memory_renders_each_caption_several_times():
     assert any(not np.array_equal(canon[k]["image"], spec[k]["image"]) for k in range(4))
     with pytest.raises(ValueError, match="canonical must be 0 or 1, got 2"):
         pl.open_source("shapes_world_memory:4:canonical=2", resolution=32)
+    # shared=F: that fraction of relation scenes names a B that shares A's colour or shape; the rest unchanged
+    both = pl.open_source("shapes_world_memory:8:relation=1,shared=1,canonical=1", resolution=64)
+    plain = pl.open_source("shapes_world_memory:8:relation=1,canonical=1", resolution=64)
+    pairs = [[(o.colour, o.shape) for o in sw.parse_caption(both[k]["caption"]).objects] for k in range(8)]
+    assert all(a != b and (a[0] == b[0] or a[1] == b[1]) for a, b in pairs), pairs
+    assert [both[k]["caption"] for k in range(8)] != [plain[k]["caption"] for k in range(8)]
+    assert all(fidelity.score(both[k]["image"], both[k]["caption"])["correct"] for k in range(8))
+    none = pl.open_source("shapes_world_memory:8:relation=1,shared=0,canonical=1", resolution=32)
+    assert [none[k]["caption"] for k in range(8)] == [plain[k]["caption"] for k in range(8)]
+    with pytest.raises(ValueError, match="shared must lie in \\[0, 1\\], got 1.5"):
+        pl.open_source("shapes_world_memory:4:shared=1.5", resolution=32)
 
 def test_array_source_resumes_exactly(tok):
     src, cfg = array_source(30), config(global_batch=4)

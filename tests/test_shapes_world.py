@@ -135,6 +135,34 @@ def test_canonical_relation_layouts_keep_the_caption_and_use_the_outer_rows_or_c
     assert len(seen) == 12                                                     # 4 relations x 3 free rows / columns
 
 
+def test_shared_relation_pairs_share_a_colour_or_a_shape_and_leave_other_scenes_alone():
+    # shared=F (a training-data option): that fraction of relation scenes redraws B to share A's colour or
+    # shape; shared=0 is the spec's sampling; other kinds and A are unchanged
+    from jaxdiff.eval import fidelity
+    n_shared = n_relation = 0
+    for split in ("train", "heldout"):
+        for i in range(150):
+            spec, half, full = (sw.sample_scene(split, i, shared=f) for f in (0.0, 0.5, 1.0))
+            assert sw.sample_scene(split, i) == spec
+            if spec.kind != "relation":
+                assert half == spec and full == spec
+                continue
+            n_relation += 1
+            a, b = ((o.colour, o.shape) for o in full.objects)
+            assert a == (spec.objects[0].colour, spec.objects[0].shape)
+            assert a != b and (a[0] == b[0] or a[1] == b[1]), full.caption
+            if split == "heldout":
+                assert a in sw.HELDOUT_PAIRS or b in sw.HELDOUT_PAIRS
+            else:
+                assert a in sw.SEEN_PAIRS and b in sw.SEEN_PAIRS
+            assert fidelity.score(sw.render(full, 64), full.caption)["correct"]
+            h = [(o.colour, o.shape) for o in half.objects]
+            n_shared += h[0][0] == h[1][0] or h[0][1] == h[1][1]
+    assert 0.4 * n_relation < n_shared < 0.85 * n_relation, (n_shared, n_relation)
+    with pytest.raises(ValueError, match="shared must lie in"):
+        sw.sample_scene("train", 0, shared=1.5)
+
+
 def test_scene_for_caption_keeps_what_the_caption_names_and_redraws_the_rest():
     from jaxdiff.eval import fidelity
     rng = np.random.default_rng(0)

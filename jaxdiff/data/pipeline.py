@@ -453,10 +453,10 @@ def _shapes_chunk(args) -> tuple[np.ndarray, list[str]]:
     """Examples ``indices`` of a split; with renders > 1 each is followed by renders - 1 other scenes of its
     caption, scene j of example i drawn from ``default_rng([seed, split id, i, j])``."""
     from jaxdiff.data import shapes_world as sw
-    split, indices, seed, resolution, renders, canonical = args
+    split, indices, seed, resolution, renders, canonical, shared = args
     images, captions = [], []
     for i in indices:
-        scene = sw.sample_scene(split, int(i), seed, canonical)
+        scene = sw.sample_scene(split, int(i), seed, canonical, shared)
         more = [sw.scene_for_caption(scene.caption, np.random.default_rng([seed, sw.SPLITS[split], int(i), j]),
                                      canonical) for j in range(1, renders)]
         images += [sw.render(s, resolution) for s in (scene, *more)]
@@ -514,7 +514,7 @@ def parse_kind_mix(text: str) -> dict[str, float]:
 def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed: int = 0,
                         workers: int | None = None, progress: bool = True,
                         kinds: dict[str, float] | None = None, renders: int = 1,
-                        canonical: bool = False) -> ArraySource:
+                        canonical: bool = False, shared: float = 0.0) -> ArraySource:
     """Examples 0..n-1 of a shapes_world split rendered into memory, in processes: no TFDS build needed.
 
     Record i equals record i of a TFDS build with the same seed (`jaxdiff data build`), whose default
@@ -532,6 +532,10 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
     `canonical`: relation scenes drawn in their canonical layout (`A above B`: A in the top row, B in
     the bottom one; `shapes_world.sample_scene`), still true to their captions: what the relation
     fine-tune of docs/shapes_sd.md (attempt 15) trains on.
+
+    `shared` (in [0, 1]): that fraction of relation scenes has B redrawn to share A's colour or shape
+    (`shapes_world.sample_scene`; their captions name the new B), the pairs whose attributes a model swaps
+    or copies most often (docs/shapes_sd.md, attempt 18).
     """
     import multiprocessing
     import os
@@ -546,11 +550,13 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
     if split not in sw.SPLITS or resolution not in sw.RESOLUTIONS:
         raise ValueError(f"split must be one of {sorted(sw.SPLITS)} and resolution one of {sw.RESOLUTIONS}, "
                          f"got {split!r}, {resolution}")
+    if not 0 <= shared <= 1:
+        raise ValueError(f"shapes_world_memory: shared must lie in [0, 1], got {shared}")
     workers = workers or max(1, min(32, (os.cpu_count() or 1) - 1))
     captions_n = n // renders
     indices = _indices_by_kind(split, captions_n, seed, kinds) if kinds else np.arange(captions_n)
     step = max(1, min(2000 // renders, -(-captions_n // (4 * workers))))
-    chunks = [(split, indices[lo:lo + step], seed, resolution, renders, canonical)
+    chunks = [(split, indices[lo:lo + step], seed, resolution, renders, canonical, shared)
               for lo in range(0, captions_n, step)]
     images = np.empty((n, resolution, resolution, 3), np.uint8)
     captions: list[str] = []
@@ -596,6 +602,14 @@ def _canonical(spec: str, kinds: dict) -> bool:
     return bool(canonical)
 
 
+def _shared(spec: str, kinds: dict) -> float:
+    """Pops `shared` (default 0) from a shapes_world_memory spec's parsed mix: a fraction in [0, 1]."""
+    shared = kinds.pop("shared", 0.0)
+    if not 0 <= shared <= 1:
+        raise ValueError(f"{spec!r}: shared must lie in [0, 1], got {shared}")
+    return shared
+
+
 def renders_per_caption(spec: str) -> int:
     """How many renders of each caption the source `spec` holds together (1 unless
     `shapes_world_memory:N:...,renders=K`); read from the spec, without opening the source."""
@@ -608,7 +622,8 @@ def open_source(spec: str, resolution: int = 64, split: str = "train"):
     """`folder:DIR` | `shapes_world:DATA_DIR` (the TFDS build at `resolution`) | `shapes_world_memory:N`
     (the split's first N examples rendered into memory; no build) | `shapes_world_memory:N:relation=0.5,...`
     (N examples with that mix of scene kinds; `,renders=K` or `:renders=K`: N / K captions rendered K times
-    each, kept together in batches; `,canonical=1`: relation scenes in their canonical layout) |
+    each, kept together in batches; `,canonical=1`: relation scenes in their canonical layout; `,shared=F`:
+    that fraction of relation scenes with B sharing A's colour or shape) |
     `synthetic[:N]`."""
     kind, _, arg = spec.partition(":")
     if kind == "folder" and arg:
@@ -630,11 +645,12 @@ def open_source(spec: str, resolution: int = 64, split: str = "train"):
         try:
             n = int(count.replace("_", ""))
         except ValueError:
-            raise ValueError(f"{spec!r}: expected shapes_world_memory:N[:KIND=FRACTION,...][,renders=K][,canonical=1] "
-                             "with N a number of examples") from None
+            raise ValueError(f"{spec!r}: expected shapes_world_memory:N[:KIND=FRACTION,...][,renders=K][,canonical=1]"
+                             "[,shared=F] with N a number of examples") from None
         kinds = parse_kind_mix(mix) if mix else {}
-        renders, canonical = _renders(spec, kinds), _canonical(spec, kinds)
-        return shapes_world_memory(n, resolution, split, kinds=kinds or None, renders=renders, canonical=canonical)
+        renders, canonical, shared = _renders(spec, kinds), _canonical(spec, kinds), _shared(spec, kinds)
+        return shapes_world_memory(n, resolution, split, kinds=kinds or None, renders=renders, canonical=canonical,
+                                   shared=shared)
     if kind == "synthetic":
         return synthetic_source(int(arg) if arg else 1024, resolution)
     raise ValueError(f"unknown source {spec!r}: expected folder:DIR, shapes_world:DATA_DIR, shapes_world_memory:N "

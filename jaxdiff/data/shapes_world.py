@@ -118,16 +118,22 @@ def _relation_cells(rng, relation, canonical=False):
     return 3 * first + other_a, 3 * second + other_b
 
 
-def sample_scene(split: str, index: int, seed: int = 0, canonical: bool = False) -> Scene:
+def sample_scene(split: str, index: int, seed: int = 0, canonical: bool = False, shared: float = 0.0) -> Scene:
     """The scene (labels and caption) of example `index` of `split`; a pure function of its arguments.
 
     ``canonical``: relation scenes in their canonical layout (`_relation_cells`), an option for training
     data, not part of the data set's spec: the caption is the spec's; a relation scene's cells and jitter
-    differ, other kinds are unchanged."""
+    differ, other kinds are unchanged. ``shared`` (in [0, 1]), another training-data option: that fraction
+    of relation scenes redraw B, among the split's pairs, to share A's colour or its shape (and still
+    differ from A), the pairs whose attributes a model most easily swaps or copies; A stays, the rest of such a
+    scene (B, relation, cells) is drawn anew. 0 (the spec's sampling) draws no extra random numbers, so every
+    scene stays the spec's."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {sorted(SPLITS)}")
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got index={index}, seed={seed}")
+    if not 0 <= shared <= 1:
+        raise ValueError(f"shared must lie in [0, 1], got {shared}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
     heldout = split == "heldout"
     pairs = UNSEEN_PAIRS if heldout else SEEN_PAIRS
@@ -152,6 +158,12 @@ def sample_scene(split: str, index: int, seed: int = 0, canonical: bool = False)
             b = _pick(rng, ALL_PAIRS if heldout else pairs)
             if a != b and (not heldout or a in HELDOUT_PAIRS or b in HELDOUT_PAIRS):
                 break
+        if shared and rng.random() < shared:
+            while True:
+                b = _pick(rng, ALL_PAIRS if heldout else pairs)
+                if b != a and (b[0] == a[0] or b[1] == a[1]) and (
+                        not heldout or a in HELDOUT_PAIRS or b in HELDOUT_PAIRS):
+                    break
         relation = _pick(rng, RELATIONS)
         cell_a, cell_b = _relation_cells(rng, relation, canonical)
         objs = (_object(rng, *a, "small", cell_a), _object(rng, *b, "small", cell_b))
