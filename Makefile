@@ -57,7 +57,11 @@ shapes-sd: setup
 	$(JD) train --config configs/ldm_shapes_canon.py --workdir runs/ldm_shapes_canon
 	$(JD) export --workdir runs/ldm_shapes_canon --out runs/ldm_shapes_canon_export --overwrite
 	$(JD) train --config configs/ldm_shapes_bind.py --workdir runs/ldm_shapes_bind
-	$(JD) export --workdir runs/ldm_shapes_bind --out models/shapes_sd --overwrite
+	$(JD) export --workdir runs/ldm_shapes_bind --out runs/ldm_shapes_bind_export --overwrite
+	$(JD) train --config configs/ldm_shapes_bind.py:second --workdir runs/ldm_shapes_bind2
+	$(JD) export --workdir runs/ldm_shapes_bind2 --out runs/ldm_shapes_bind2_export --overwrite
+	$(JD) train --config configs/ldm_shapes_bind.py:shared --workdir runs/ldm_shapes_bind3
+	$(JD) export --workdir runs/ldm_shapes_bind3 --out models/shapes_sd --overwrite
 	printf '{\n  "steps": 25,\n  "guidance": 2.0,\n  "guidance_interval": [0.0, 0.5]\n}\n' > models/shapes_sd/jaxdiff_sampling.json
 	$(PY) -m jaxdiff.eval.study --model models/shapes_sd --out docs/shapes_sd --guidance-interval 0,0.5 --weights 0,1,1.5,2,3,5,7.5
 

@@ -331,7 +331,7 @@ def test_the_recipe_chains_its_stages():
             model_dir = train_cli.load_config(args[2]).model.model_dir
             assert not model_dir or model_dir in exported, (args[2], model_dir, exported)
             stages += 1
-    assert stages == 11 and "models/shapes_sd" in exported
+    assert stages == 13 and "models/shapes_sd" in exported
     assert sampling == json.loads(Path("models/shapes_sd/jaxdiff_sampling.json").read_text())   # what it measured with
 
 
