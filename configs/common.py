@@ -24,8 +24,9 @@ def ldm(**overrides) -> dict:
                 **overrides)
 
 
-def apply_arg(c, arg, path):
-    """`:smoke` shrinks a config to 20 steps on synthetic data; anything else is an error."""
+def apply_arg(c, arg, path, known=()):
+    """`:smoke` shrinks a config to 20 steps on synthetic data; anything else is an error (that names `known`,
+    the variants the calling config handled itself)."""
     if arg == "smoke":
         c.data.source, c.data.global_batch = "synthetic:256", 8
         if "preset" in c.model:          # the smallest model at the smallest size
@@ -36,5 +37,5 @@ def apply_arg(c, arg, path):
         if "sample_every" in c.loop:
             c.loop.sample_every = 10
     elif arg:
-        raise ValueError(f"{path}: unknown argument {arg!r} (known: smoke)")
+        raise ValueError(f"{path}: unknown argument {arg!r} (known: {', '.join(('smoke', *known))})")
     return c

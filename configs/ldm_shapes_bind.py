@@ -42,4 +42,4 @@ def get_config(arg=None):
     if arg == "smoke":
         c.model.model_dir = ""
         c.model.scaling_factor = 0.18215
-    return common.apply_arg(c, arg, __file__)
+    return common.apply_arg(c, arg, __file__, known=("second", "shared"))

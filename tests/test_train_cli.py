@@ -41,8 +41,10 @@ def test_config_errors(tmp_path):
         cli.main(["--config", "configs/nope.py", "--workdir", str(tmp_path)])
     with pytest.raises(SystemExit, match="expected --config.KEY=VALUE"):
         cli.main(["--config", "configs/ldm_shapes.py:smoke", "--workdir", str(tmp_path), "--config.loop.steps"])
-    with pytest.raises(ValueError, match="unknown argument"):
+    with pytest.raises(ValueError, match=r"unknown argument 'big' \(known: smoke\)"):
         cli.main(["--config", "configs/ldm_shapes.py:big", "--workdir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"unknown argument 'third' \(known: smoke, second, shared\)"):
+        cli.load_config("configs/ldm_shapes_bind.py:third")
     for name in ("ldm_shapes", "vae_shapes", "sd15_finetune", "clip_shapes", "clip_b16_pod"):   # every shipped config
         c = cli.load_config(f"configs/{name}.py")
         with pytest.raises(Exception):
