@@ -125,9 +125,9 @@ def sample_scene(split: str, index: int, seed: int = 0, canonical: bool = False,
     data, not part of the data set's spec: the caption is the spec's; a relation scene's cells and jitter
     differ, other kinds are unchanged. ``shared`` (in [0, 1]), another training-data option: that fraction
     of relation scenes redraw B, among the split's pairs, to share A's colour or its shape (and still
-    differ from A), the pairs whose attributes a model most easily swaps or copies; A stays, the rest of such a
-    scene (B, relation, cells) is drawn anew. 0 (the spec's sampling) draws no extra random numbers, so every
-    scene stays the spec's."""
+    differ from A), the pairs whose attributes a model most easily swaps or copies. A stays; with shared > 0
+    every relation scene draws one more random number, so its relation word and cells (and the chosen ones'
+    B) differ from the spec's. 0 (the spec's sampling) draws none: every scene stays the spec's."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {sorted(SPLITS)}")
     if index < 0 or seed < 0:
