@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test test-all demo bench clean shapes-sd
+.PHONY: setup lint test test-all demo bench clean shapes-sd
 
 # torch==2.13.0 is the CPU build on local disk: installed first and pinned, so nothing pulls a CUDA
 # build. open-clip-torch only ships the CLIP BPE vocabulary we read; --no-deps keeps torchvision out.
@@ -17,8 +17,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# ruff (pyproject.toml: rules, 100 columns) and the import contracts (dependencies point one way, no cycles).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
 # Two workers (one per core), whole files per worker: a file's module fixtures are built once.
-test: setup
+test: setup lint
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=20 tests
 
 test-all: setup
@@ -66,7 +72,7 @@ shapes-sd: setup
 	$(PY) -m jaxdiff.eval.study --model models/shapes_sd --out docs/shapes_sd --guidance-interval 0,0.5 --weights 0,1,1.5,2,3,5,7.5
 
 bench: setup
-	$(PY) -m jaxdiff.bench unet --preset sd15
+	$(PY) benchmarks/bench.py unet --preset sd15
 
 clean:
-	rm -rf $(VENV) out bench_out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache

@@ -6,18 +6,28 @@ shapes world's own 644-token vocabulary; its text tower is the shapes-world SD's
     jaxdiff eval clip --model runs/clip_shapes --data shapes_world:data/tfds --split heldout
     jaxdiff train --config configs/clip_shapes.py:smoke --workdir /tmp/clip_smoke     # 20 steps, synthetic data
 """
+
 import common
 import ml_collections as mlc
 
 
 def get_config(arg=None):
-    c = mlc.ConfigDict(dict(
-        task="clip",
-        model=dict(preset="shapes", tokenizer="shapes", model_dir=""),
-        data=dict(source="shapes_world:data/tfds", resolution=64, global_batch=256, seed=0),
-        clip=dict(loss="softmax", max_logit_scale=4.6052, compute_dtype="float32"),
-        optim=common.optim(learning_rate=1e-3, warmup_steps=200, total_steps=2000, final_lr_ratio=0.05,
-                           weight_decay=0.1, ema_decay=0.0),
-        loop=common.loop(steps=2000, checkpoint_every=250),
-        mesh=dict(shape=(-1, 1, 1), rules="data_parallel")))
+    c = mlc.ConfigDict(
+        dict(
+            task="clip",
+            model=dict(preset="shapes", tokenizer="shapes", model_dir=""),
+            data=dict(source="shapes_world:data/tfds", resolution=64, global_batch=256, seed=0),
+            clip=dict(loss="softmax", max_logit_scale=4.6052, compute_dtype="float32"),
+            optim=common.optim(
+                learning_rate=1e-3,
+                warmup_steps=200,
+                total_steps=2000,
+                final_lr_ratio=0.05,
+                weight_decay=0.1,
+                ema_decay=0.0,
+            ),
+            loop=common.loop(steps=2000, checkpoint_every=250),
+            mesh=dict(shape=(-1, 1, 1), rules="data_parallel"),
+        )
+    )
     return common.apply_arg(c, arg, __file__)

@@ -2,26 +2,69 @@
 
 
 def optim(**overrides) -> dict:
-    return dict(dict(learning_rate=1e-3, warmup_steps=100, total_steps=5000, final_lr_ratio=0.1, weight_decay=0.01,
-                     grad_clip=1.0, accumulate=1, frozen=(), ema_decay=0.0), **overrides)
+    return dict(
+        dict(
+            learning_rate=1e-3,
+            warmup_steps=100,
+            total_steps=5000,
+            final_lr_ratio=0.1,
+            weight_decay=0.01,
+            grad_clip=1.0,
+            accumulate=1,
+            frozen=(),
+            ema_decay=0.0,
+        ),
+        **overrides,
+    )
 
 
 def loop(**overrides) -> dict:
-    return dict(dict(steps=5000, seed=0, log_every=20, checkpoint_every=500, keep_checkpoints=3,
-                     async_checkpoints=True, max_bad_steps=5, sample_every=0), **overrides)
+    return dict(
+        dict(
+            steps=5000,
+            seed=0,
+            log_every=20,
+            checkpoint_every=500,
+            keep_checkpoints=3,
+            async_checkpoints=True,
+            max_bad_steps=5,
+            sample_every=0,
+        ),
+        **overrides,
+    )
 
 
 # Shapes-world prompts for the sample grids (two of them name held-out colour-shape pairs).
-SHAPES_PROMPTS = ("a red circle", "a large blue star in the top left", "two green squares",
-                  "a yellow triangle above a purple cross", "an orange circle", "a pink diamond on a white background",
-                  "three cyan crosses", "a red star")
+SHAPES_PROMPTS = (
+    "a red circle",
+    "a large blue star in the top left",
+    "two green squares",
+    "a yellow triangle above a purple cross",
+    "an orange circle",
+    "a pink diamond on a white background",
+    "three cyan crosses",
+    "a red star",
+)
 
 
 def ldm(**overrides) -> dict:
-    return dict(dict(prediction_type="epsilon", min_snr_gamma=5.0, cond_dropout=0.1, beta_schedule="scaled_linear",
-                     beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, rescale_betas_zero_snr=False,
-                     timestep_spacing="leading", compute_dtype="float32", remat=False, train_text_encoder=False),
-                **overrides)
+    return dict(
+        dict(
+            prediction_type="epsilon",
+            min_snr_gamma=5.0,
+            cond_dropout=0.1,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            num_train_timesteps=1000,
+            rescale_betas_zero_snr=False,
+            timestep_spacing="leading",
+            compute_dtype="float32",
+            remat=False,
+            train_text_encoder=False,
+        ),
+        **overrides,
+    )
 
 
 def apply_arg(c, arg, path, known=()):
@@ -29,7 +72,7 @@ def apply_arg(c, arg, path, known=()):
     the variants the calling config handled itself)."""
     if arg == "smoke":
         c.data.source, c.data.global_batch = "synthetic:256", 8
-        if "preset" in c.model:          # the smallest model at the smallest size
+        if "preset" in c.model:  # the smallest model at the smallest size
             c.model.preset, c.data.resolution = "tiny", 32
         c.optim.total_steps = c.loop.steps = 20
         c.optim.warmup_steps = 2
@@ -37,5 +80,7 @@ def apply_arg(c, arg, path, known=()):
         if "sample_every" in c.loop:
             c.loop.sample_every = 10
     elif arg:
-        raise ValueError(f"{path}: unknown argument {arg!r} (known: {', '.join(('smoke', *known))})")
+        raise ValueError(
+            f"{path}: unknown argument {arg!r} (known: {', '.join(('smoke', *known))})"
+        )
     return c

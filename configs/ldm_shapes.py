@@ -17,22 +17,36 @@ transformer with the diffusion model): the contrastively trained tower hardly en
 position tokens; changing the colour gives ~0), and with it frozen the UNet placed 14 % of the objects
 in the named cell after 5,500 steps (docs/shapes_sd.md, attempt 2).
 """
+
 import common
 import ml_collections as mlc
 
 
 def get_config(arg=None):
-    c = mlc.ConfigDict(dict(
-        task="ldm",
-        model=dict(preset="shapes", model_dir="", vae_workdir="models/shapes_vae", text_encoder="models/shapes_clip",
-                   scaling_factor=0.0),
-        data=dict(source="shapes_world:data/tfds", resolution=64, global_batch=64, seed=0),
-        ldm=common.ldm(train_text_encoder=True),
-        optim=common.optim(learning_rate=5e-4, warmup_steps=300, total_steps=9000, final_lr_ratio=0.1,
-                           ema_decay=0.999),
-        loop=common.loop(steps=3500, checkpoint_every=250, sample_every=1000),
-        sample_prompts=common.SHAPES_PROMPTS,
-        mesh=dict(shape=(-1, 1, 1), rules="data_parallel")))
+    c = mlc.ConfigDict(
+        dict(
+            task="ldm",
+            model=dict(
+                preset="shapes",
+                model_dir="",
+                vae_workdir="models/shapes_vae",
+                text_encoder="models/shapes_clip",
+                scaling_factor=0.0,
+            ),
+            data=dict(source="shapes_world:data/tfds", resolution=64, global_batch=64, seed=0),
+            ldm=common.ldm(train_text_encoder=True),
+            optim=common.optim(
+                learning_rate=5e-4,
+                warmup_steps=300,
+                total_steps=9000,
+                final_lr_ratio=0.1,
+                ema_decay=0.999,
+            ),
+            loop=common.loop(steps=3500, checkpoint_every=250, sample_every=1000),
+            sample_prompts=common.SHAPES_PROMPTS,
+            mesh=dict(shape=(-1, 1, 1), rules="data_parallel"),
+        )
+    )
     if arg == "smoke":
         c.model.vae_workdir = c.model.text_encoder = ""
         c.model.scaling_factor = 0.18215

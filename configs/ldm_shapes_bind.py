@@ -18,6 +18,7 @@ of its scenes) and counts had fallen (72 % -> 56 % before the guidance interval)
 both. Study prompts at w = 2, interval [0, 0.5], validation / held-out: 85.8 / 81.3 % before, 87.6 / 86.3 % after
 the first stage, 88.6 / 89.3 % after the second, 91.4 / 89.0 % after the third.
 """
+
 import common
 import ldm_shapes_canon
 
@@ -27,14 +28,19 @@ def get_config(arg=None):
     c.model.model_dir = "runs/ldm_shapes_canon_export"
     c.data.source = "shapes_world_memory:40000:relation=0.4,count=0.4,canonical=1"
     c.data.seed = 17
-    c.optim = common.optim(learning_rate=1e-4, warmup_steps=50, total_steps=1200, final_lr_ratio=0.1,
-                           ema_decay=0.99)
+    c.optim = common.optim(
+        learning_rate=1e-4, warmup_steps=50, total_steps=1200, final_lr_ratio=0.1, ema_decay=0.99
+    )
     c.loop.steps = 1200
-    if arg == "second":     # attempt 18: the same stage again from the first one's export, a new shuffle
+    if (
+        arg == "second"
+    ):  # attempt 18: the same stage again from the first one's export, a new shuffle
         c.model.model_dir = "runs/ldm_shapes_bind_export"
         c.data.seed = 18
         return c
-    if arg == "shared":     # attempt 18: a third stage, half of its relation scenes pairs that share an attribute
+    if (
+        arg == "shared"
+    ):  # attempt 18: a third stage, half of its relation scenes pairs that share an attribute
         c.model.model_dir = "runs/ldm_shapes_bind2_export"
         c.data.source = "shapes_world_memory:40000:relation=0.4,count=0.4,canonical=1,shared=0.5"
         c.data.seed = 19

@@ -24,25 +24,36 @@ back but random layouts: attempt 14, 2,241 steps; canonical layouts on the tower
 steps); with both, the relation order came in between steps 800 and 1,600 of the second stage (relation 200 at
 w = 3: 28 % at its start, 40.5 % at step 1,248, 65.5 % at step 1,600, named / reversed 131 / 2).
 """
+
 import common
 import ldm_shapes_words
 
 
 def get_config(arg=None):
     c = ldm_shapes_words.get_config()
-    if arg == "first":   # the first, shorter stage: the words run's relation mix at its learning rate
+    if (
+        arg == "first"
+    ):  # the first, shorter stage: the words run's relation mix at its learning rate
         c.model.model_dir = "runs/ldm_shapes_words_export"
         c.data.source = "shapes_world_memory:40000:relation=0.5,count=0.25,canonical=1"
-        c.optim = common.optim(learning_rate=1.5e-4, warmup_steps=50, total_steps=1200, final_lr_ratio=0.1,
-                               ema_decay=0.99)
+        c.optim = common.optim(
+            learning_rate=1.5e-4,
+            warmup_steps=50,
+            total_steps=1200,
+            final_lr_ratio=0.1,
+            ema_decay=0.99,
+        )
         c.loop.steps = 800
         return c
     c.model.model_dir = "runs/ldm_shapes_canon_first_export"
     c.data.source = "shapes_world_memory:40000:relation=0.6,count=0.2,canonical=1"
     c.data.seed = 15
-    c.optim = common.optim(learning_rate=3e-4, warmup_steps=50, total_steps=2400, final_lr_ratio=0.1,
-                           ema_decay=0.99)
-    c.loop.steps = 2000      # of the 2,400-step schedule: the run was stopped there for the study (session 18)
+    c.optim = common.optim(
+        learning_rate=3e-4, warmup_steps=50, total_steps=2400, final_lr_ratio=0.1, ema_decay=0.99
+    )
+    c.loop.steps = (
+        2000  # of the 2,400-step schedule: the run was stopped there for the study (session 18)
+    )
     c.loop.checkpoint_every = 400
     if arg == "smoke":
         c.model.model_dir = ""

@@ -17,9 +17,9 @@ attempt 10): no gain on relations, so it is not the committed model. Quick check
 validation / 100 held-out captions): 76.5 / 78.0 % (stage 5: 75.0 / 76.0 %); 200 relation prompts: 28 % right
 (stage 5: 28.5 %), both objects drawn for 146 (131), the named relation holding 56 times and its opposite 60 (57 / 48).
 """
-import ldm_shapes_rel
 
 import common
+import ldm_shapes_rel
 
 
 def get_config(arg=None):

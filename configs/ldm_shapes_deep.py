@@ -12,6 +12,7 @@ latent difference; the colour word: 0.36). A convolutional UNet has no position 
 where it is from its zero padding, which at 16 x 16, 8 x 8 and even 4 x 4 (four interior positions
 padded alike by one convolution) is a weak, deep signal. At 2 x 2 every position is a different corner.
 """
+
 import common
 import ldm_shapes_text
 
@@ -22,10 +23,11 @@ def get_config(arg=None):
     c.model.text_encoder = ""
     c.model.unet_preset = "shapes_deep"
     c.data.seed = 3
-    c.optim = common.optim(learning_rate=5e-4, warmup_steps=300, total_steps=1500, final_lr_ratio=0.1,
-                           ema_decay=0.999)
+    c.optim = common.optim(
+        learning_rate=5e-4, warmup_steps=300, total_steps=1500, final_lr_ratio=0.1, ema_decay=0.999
+    )
     c.loop.steps = 1500
-    if arg == "smoke":                                 # stage 1's smoke model: random tiny parts, no growing
+    if arg == "smoke":  # stage 1's smoke model: random tiny parts, no growing
         c.model.model_dir = c.model.unet_preset = ""
         c.model.scaling_factor = 0.18215
     return common.apply_arg(c, arg, __file__)

@@ -21,18 +21,20 @@ input pipeline batches with one gather per batch instead of grain's per-example 
 the 2-core CPU: 5,600 against 1,860 at batch 256); that changes the shuffle, so a rerun sees the same
 scenes in another order.
 """
+
 import common
 import ldm_shapes_long
 
 
 def get_config(arg=None):
     c = ldm_shapes_long.get_config()
-    c.model.model_dir = "runs/ldm_shapes_long_export"   # stage 4 at step 800
+    c.model.model_dir = "runs/ldm_shapes_long_export"  # stage 4 at step 800
     c.data.source = "shapes_world_memory:400000"
     c.data.global_batch = 256
     c.data.seed = 11
-    c.optim = common.optim(learning_rate=3e-4, warmup_steps=200, total_steps=2800, final_lr_ratio=0.1,
-                           ema_decay=0.999)
+    c.optim = common.optim(
+        learning_rate=3e-4, warmup_steps=200, total_steps=2800, final_lr_ratio=0.1, ema_decay=0.999
+    )
     c.loop.steps = 2800
     c.loop.log_every = 100
     c.loop.checkpoint_every = 700

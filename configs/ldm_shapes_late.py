@@ -11,6 +11,7 @@ Why: on a 16 x 16 x 4 latent a shapes-world object is readable from x_t at t = 8
 the prompt to place it, and only a quarter of the captions name a position: 2.5 % of the examples
 carry the lesson. The models of stages 2 to 4 drew the object where the noise put it.
 """
+
 import common
 import ldm_shapes_text
 
@@ -22,8 +23,9 @@ def get_config(arg=None):
     c.ldm.timestep_bias_portion = 0.5
     c.ldm.timestep_bias_begin = 850
     c.data.seed = 4
-    c.optim = common.optim(learning_rate=5e-4, warmup_steps=100, total_steps=1500, final_lr_ratio=0.1,
-                           ema_decay=0.999)
+    c.optim = common.optim(
+        learning_rate=5e-4, warmup_steps=100, total_steps=1500, final_lr_ratio=0.1, ema_decay=0.999
+    )
     c.loop.steps = 1500
     if arg == "smoke":
         c.model.model_dir = ""

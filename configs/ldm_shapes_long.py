@@ -12,17 +12,21 @@ counts, relations and shapes are also decided below it. A new shuffle of the tra
 resume for this session's CPU (0.2 steps/s): steps 0 to 345 on a 3,000-step cosine, 345 to 391 on a
 1,000-step one, then this 800-step one (`optim.total_steps` may change on resume).
 """
+
 import common
 import ldm_shapes_pos
 
 
 def get_config(arg=None):
     c = ldm_shapes_pos.get_config()
-    c.model.model_dir = "runs/ldm_shapes_pos_export"  # stage 3 at step 3,000 (= models/shapes_sd before stage 4)
+    c.model.model_dir = (
+        "runs/ldm_shapes_pos_export"  # stage 3 at step 3,000 (= models/shapes_sd before stage 4)
+    )
     c.ldm.timestep_bias_portion = 0.3
     c.data.seed = 7
-    c.optim = common.optim(learning_rate=3e-4, warmup_steps=100, total_steps=800, final_lr_ratio=0.1,
-                           ema_decay=0.999)
+    c.optim = common.optim(
+        learning_rate=3e-4, warmup_steps=100, total_steps=800, final_lr_ratio=0.1, ema_decay=0.999
+    )
     c.loop.steps = 800
     if arg == "smoke":
         c.model.model_dir = ""

@@ -17,9 +17,9 @@ Not run in full. A 300-step probe at t in [980, 1000) with the branch at diffuse
 attempt 11) moved nothing: the relation's obstacle is the variance of the single-render target there, not
 the path (the same steps with each caption's mean latent as the target do learn it).
 """
-import ldm_shapes_rel
 
 import common
+import ldm_shapes_rel
 
 
 def get_config(arg=None):

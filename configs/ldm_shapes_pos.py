@@ -11,19 +11,23 @@ padding (CoordConv, Liu et al. 2018: convolutions fail to map coordinates to pix
 Stages 2 to 4 drew the object wherever the noise put it. The export needs jaxdiff (diffusers' UNet has no
 such input).
 """
+
 import common
 import ldm_shapes_zsnr
 
 
 def get_config(arg=None):
     c = ldm_shapes_zsnr.get_config()
-    c.model.model_dir = "runs/ldm_shapes_zsnr_export"   # stage 2 at step 5,500 (the model committed before)
+    c.model.model_dir = (
+        "runs/ldm_shapes_zsnr_export"  # stage 2 at step 5,500 (the model committed before)
+    )
     c.model.unet_position_embedding = 4
     c.ldm.timestep_bias_portion = 0.5
     c.ldm.timestep_bias_begin = 850
     c.data.seed = 5
-    c.optim = common.optim(learning_rate=5e-4, warmup_steps=100, total_steps=3000, final_lr_ratio=0.1,
-                           ema_decay=0.999)
+    c.optim = common.optim(
+        learning_rate=5e-4, warmup_steps=100, total_steps=3000, final_lr_ratio=0.1, ema_decay=0.999
+    )
     c.loop.steps = 3000
     if arg == "smoke":
         c.model.model_dir = ""

@@ -19,18 +19,26 @@ cut on resume to this 3,000-step one (`optim.total_steps` may change on resume);
 (first 200 validation / 100 held-out captions): 76.5 / 76.0 % (stage 5: 75.0 / 76.0 %); 200 relation prompts:
 26 % right at step 1,500 (stage 5: 28.5 %), the relation still holding as often as its opposite.
 """
+
 import common
 import ldm_shapes_gpu
 
 
 def get_config(arg=None):
     c = ldm_shapes_gpu.get_config()
-    c.model.model_dir = "runs/ldm_shapes_gpu_export"  # stage 5 at step 2,800 (models/shapes_sd until attempt 15)
+    c.model.model_dir = (
+        "runs/ldm_shapes_gpu_export"  # stage 5 at step 2,800 (models/shapes_sd until attempt 15)
+    )
     c.data.source = "shapes_world_memory:80000:relation=0.5,count=0.25"
     c.data.global_batch = 64
     c.data.seed = 13
-    c.optim = common.optim(learning_rate=1.5e-4, warmup_steps=100, total_steps=3000, final_lr_ratio=0.1,
-                           ema_decay=0.999)
+    c.optim = common.optim(
+        learning_rate=1.5e-4,
+        warmup_steps=100,
+        total_steps=3000,
+        final_lr_ratio=0.1,
+        ema_decay=0.999,
+    )
     c.loop.steps = 3000
     c.loop.log_every = 50
     c.loop.checkpoint_every = 250

@@ -23,15 +23,16 @@ captions per batch). Attempt 12 then found that even a relation learned at t ~ T
 samples, so this recipe was not run further on the CPU; for a GPU, more captions per batch (batch 512 =
 64 captions x 8 renders) and 10,000+ steps.
 """
+
 import ldm_shapes_rel
 
 
 def get_config(arg=None):
-    c = ldm_shapes_rel.get_config(arg)                 # stage 5 (runs/ldm_shapes_gpu_export), batch 64, lr 1.5e-4
+    c = ldm_shapes_rel.get_config(arg)  # stage 5 (runs/ldm_shapes_gpu_export), batch 64, lr 1.5e-4
     c.data.seed = 17
     c.ldm.timestep_bias_portion = 0.7
     c.ldm.timestep_bias_begin = 950
-    c.ldm.stable_target = arg != "smoke"              # smoke data has one render per caption
+    c.ldm.stable_target = arg != "smoke"  # smoke data has one render per caption
     if arg != "smoke":
         c.data.source = "shapes_world_memory:96000:relation=0.5,count=0.25,renders=32"
         c.optim.learning_rate = 2e-4

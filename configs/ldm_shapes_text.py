@@ -14,18 +14,22 @@ With the model of stage 2 the position phrase moved the predicted image at t = T
 absolute latent difference) where the colour word moved it by 0.32: position stayed at chance, and the
 relations "to the left of" / "to the right of" read alike. A fresh tower keeps every word apart.
 """
+
 import common
 import ldm_shapes_zsnr
 
 
 def get_config(arg=None):
     c = ldm_shapes_zsnr.get_config()
-    c.model.model_dir = "runs/ldm_shapes_zsnr_export"   # stage 2's UNet and VAE; its text tower is replaced
+    c.model.model_dir = (
+        "runs/ldm_shapes_zsnr_export"  # stage 2's UNet and VAE; its text tower is replaced
+    )
     c.model.text_encoder = "random"
     c.data.seed = 2
-    c.optim = common.optim(learning_rate=5e-4, warmup_steps=300, total_steps=5000, final_lr_ratio=0.1,
-                           ema_decay=0.999)
-    c.loop.steps = 1000                               # stage 4 grows the UNet from here
+    c.optim = common.optim(
+        learning_rate=5e-4, warmup_steps=300, total_steps=5000, final_lr_ratio=0.1, ema_decay=0.999
+    )
+    c.loop.steps = 1000  # stage 4 grows the UNet from here
     if arg == "smoke":
         c.model.model_dir = ""
         c.model.scaling_factor = 0.18215

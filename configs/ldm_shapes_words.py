@@ -20,6 +20,7 @@ far apart as the position words (above / below 0.91, left / right 1.09), the res
 reversed 45 / 46; 24.5 %, 49 / 48 at step 2,241 of a further resume to 2,500 steps): not adopted.
 Sized next for a GPU: stage 5's batch, 10,000+ steps.
 """
+
 import common
 import ldm_shapes_rel
 
@@ -29,8 +30,9 @@ def get_config(arg=None):
     c.data.source = "shapes_world_memory:40000:relation=0.5,count=0.25"
     c.data.seed = 14
     c.ldm.text_token_loss = 0.05
-    c.optim = common.optim(learning_rate=1.5e-4, warmup_steps=50, total_steps=800, final_lr_ratio=0.1,
-                           ema_decay=0.99)
+    c.optim = common.optim(
+        learning_rate=1.5e-4, warmup_steps=50, total_steps=800, final_lr_ratio=0.1, ema_decay=0.99
+    )
     c.loop.steps = 800
     c.loop.checkpoint_every = 200
     if arg == "smoke":

@@ -16,19 +16,25 @@ noise, so stage 1 drew gray backgrounds for "on a black background" (background 
 nothing at SNR 0, hence v-prediction, plain (unweighted: min-SNR's v weights vanish at SNR 0), and
 sampling from t = T - 1 ("trailing" spacing).
 """
+
 import common
 import ldm_shapes
 
 
 def get_config(arg=None):
     c = ldm_shapes.get_config()
-    c.model.model_dir = "runs/ldm_shapes_export"      # its UNet, fine-tuned text tower and VAE
+    c.model.model_dir = "runs/ldm_shapes_export"  # its UNet, fine-tuned text tower and VAE
     c.model.vae_workdir = c.model.text_encoder = ""
-    c.ldm = common.ldm(train_text_encoder=True, prediction_type="v_prediction", min_snr_gamma=0.0,
-                       rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    c.data.seed = 1                                   # another shuffle of the training split than stage 1's
+    c.ldm = common.ldm(
+        train_text_encoder=True,
+        prediction_type="v_prediction",
+        min_snr_gamma=0.0,
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+    )
+    c.data.seed = 1  # another shuffle of the training split than stage 1's
     c.optim.total_steps = c.loop.steps = 14000
-    if arg == "smoke":                                # stage 1's smoke model: random tiny parts
+    if arg == "smoke":  # stage 1's smoke model: random tiny parts
         c.model.model_dir = ""
         c.model.scaling_factor = 0.18215
     return common.apply_arg(c, arg, __file__)

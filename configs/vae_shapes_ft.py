@@ -11,6 +11,7 @@ captions, a ceiling on any diffusion model on top; the reconstruction loss was s
 continues at half the peak learning rate (like Stable Diffusion's ft-MSE VAE, a fine-tune of its
 first VAE). `model.model_dir` takes a VAE run, an exported AutoencoderKL folder or a diffusers folder.
 """
+
 import common
 import vae_shapes
 
@@ -18,8 +19,8 @@ import vae_shapes
 def get_config(arg=None):
     c = vae_shapes.get_config()
     c.model.model_dir = "runs/vae_shapes"
-    c.data.seed = 1                       # another shuffle of the training split than stage 1's
-    c.vae.logvar_init = 0.0               # the weights come from stage 1
+    c.data.seed = 1  # another shuffle of the training split than stage 1's
+    c.vae.logvar_init = 0.0  # the weights come from stage 1
     c.optim.learning_rate = 5e-4
     c.optim.total_steps = c.loop.steps = 4000
     return common.apply_arg(c, arg, __file__)

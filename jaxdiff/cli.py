@@ -1,4 +1,5 @@
-"""The `jaxdiff` command: txt2img, img2img, convert, export, data, train, eval, demo, bench."""
+"""The `jaxdiff` command: txt2img, img2img, convert, export, data, train, eval, demo."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,11 +8,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from jaxdiff.runtime import tune_cpu
+
 
 def _convert(args):
     """Original single-file SD 1.x/2.x checkpoint -> a diffusers folder."""
+    from jaxdiff.convert.pretrained import (
+        StableDiffusion,
+        default_scheduler_config,
+        save_pretrained,
+    )
     from jaxdiff.convert.single_file import load_single_file
-    from jaxdiff.pretrained import StableDiffusion, default_scheduler_config, save_pretrained
     from jaxdiff.tokenizer import write_clip_tokenizer
 
     src, out = Path(args.checkpoint), Path(args.out)
@@ -22,18 +29,33 @@ def _convert(args):
     configs = {}
     if args.config:  # architectures that the SD 1.x / 2.x conventions cannot infer from shapes
         from jaxdiff.convert import diffusers as dconv
+
         cfg_dir = Path(args.config)
-        for name, key in (("unet", "unet_config"), ("vae", "vae_config"), ("text_encoder", "text_config")):
-            configs[key] = dconv.COMPONENTS[name].config_from(dconv._read_json(cfg_dir / name / "config.json"))
+        for name, key in (
+            ("unet", "unet_config"),
+            ("vae", "vae_config"),
+            ("text_encoder", "text_config"),
+        ):
+            configs[key] = dconv.COMPONENTS[name].config_from(
+                dconv._read_json(cfg_dir / name / "config.json")
+            )
     parts = load_single_file(src, **configs)
     text_cfg = parts["text_encoder"][0]
     sched = dict(default_scheduler_config(), prediction_type=args.prediction_type)
-    model = StableDiffusion(parts["unet"][0], parts["vae"][0], text_cfg,
-                            {k: v[1] for k, v in parts.items()}, None, sched)
+    model = StableDiffusion(
+        parts["unet"][0],
+        parts["vae"][0],
+        text_cfg,
+        {k: v[1] for k, v in parts.items()},
+        None,
+        sched,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         # SD 2.x (OpenCLIP, gelu) pads prompts with "!", SD 1.x with <|endoftext|>.
-        tok = write_clip_tokenizer(Path(tmp) / "tokenizer",
-                                   pad_token="!" if text_cfg.hidden_act == "gelu" else "<|endoftext|>")
+        tok = write_clip_tokenizer(
+            Path(tmp) / "tokenizer",
+            pad_token="!" if text_cfg.hidden_act == "gelu" else "<|endoftext|>",
+        )
         save_pretrained(model, out, tokenizer_folder=tok, overwrite=args.overwrite)
     print(f"wrote {out}")
 
@@ -42,50 +64,66 @@ def _export(args):
     """A `jaxdiff train` run -> a standard folder: CLIP -> transformers CLIPModel (weights, config,
     tokenizer); latent diffusion -> a diffusers StableDiffusionPipeline folder."""
     from jaxdiff.convert.clip import save_clip
-    from jaxdiff.eval.clip import load
+    from jaxdiff.convert.runs import load_clip
 
     work, out = Path(args.workdir), Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         sys.exit(f"jaxdiff export: {out} exists and is not empty (pass --overwrite to replace it)")
     if (work / "ldm.json").is_file():
-        from jaxdiff.train.runs import export_ldm
+        from jaxdiff.train.export import export_ldm
+
         try:
             step = export_ldm(work, out, overwrite=args.overwrite, prefer_ema=not args.raw_params)
         except ValueError as err:
             sys.exit(f"jaxdiff export: {err}")
         from jaxdiff.convert.diffusers import UNET_EXTENSIONS
+
         unet_cfg = json.loads((out / "unet" / "config.json").read_text())
         ext = [what for _, key, what, _ in UNET_EXTENSIONS if key in unet_cfg]
         only = f" jaxdiff's UNet {' and '.join(ext)}: diffusers cannot load it;" if ext else ""
-        print(f"wrote {out} (diffusers folder, UNet of step {step};{only} load with Pipeline.from_pretrained "
-              "or `jaxdiff txt2img --model`)")
+        print(
+            f"wrote {out} (diffusers folder, UNet of step {step};{only} load with Pipeline.from_pretrained "
+            "or `jaxdiff txt2img --model`)"
+        )
         return
     if (work / "checkpoints").is_dir() and _run_config(work).get("task") == "vae":
-        from jaxdiff.train.runs import export_vae
+        from jaxdiff.train.export import export_vae
+
         factor = export_vae(work, out, overwrite=args.overwrite)
-        print(f"wrote {out} (diffusers AutoencoderKL; latent scaling factor {factor:.5f}, measured on the run's data)")
+        print(
+            f"wrote {out} (diffusers AutoencoderKL; latent scaling factor {factor:.5f}, measured on the run's data)"
+        )
         return
     if not (work / "clip.json").is_file():
-        sys.exit(f"jaxdiff export: {work} is not a CLIP (clip.json), VAE or latent-diffusion (ldm.json) run")
-    model = load(work)
-    save_clip(out, model.config, model.params, tokenizer_folder=work / "tokenizer",
-              drop_logit_bias=args.drop_logit_bias)
-    print(f"wrote {out} (transformers CLIPModel + tokenizer; load with jaxdiff.convert.clip.load_clip "
-          "or CLIPModel.from_pretrained)")
+        sys.exit(
+            f"jaxdiff export: {work} is not a CLIP (clip.json), VAE or latent-diffusion (ldm.json) run"
+        )
+    config, params, tok_dir = load_clip(work)
+    save_clip(out, config, params, tokenizer_folder=tok_dir, drop_logit_bias=args.drop_logit_bias)
+    print(
+        f"wrote {out} (transformers CLIPModel + tokenizer; load with jaxdiff.convert.clip.load_clip "
+        "or CLIPModel.from_pretrained)"
+    )
 
 
 def _run_config(work: Path) -> dict:
     import json
+
     path = work / "config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # Subcommands that own their argument parsing: name -> (module with `main(argv)`, help line).
 DELEGATED = {
-    "demo": ("jaxdiff.demo", "build a small random diffusers checkpoint, load it, compare with diffusers"),
-    "bench": ("jaxdiff.bench", "benchmarks against diffusers (see `jaxdiff bench --help`)"),
-    "txt2img": ("jaxdiff.generate:main_txt2img", "generate images from a prompt (see `jaxdiff txt2img --help`)"),
-    "img2img": ("jaxdiff.generate:main_img2img", "edit an image towards a prompt (see `jaxdiff img2img --help`)"),
+    "demo": ("jaxdiff.demo", "draw a labelled prompt grid with the shipped shapes-world model"),
+    "txt2img": (
+        "jaxdiff.pipelines.generate:main_txt2img",
+        "generate images from a prompt (see `jaxdiff txt2img --help`)",
+    ),
+    "img2img": (
+        "jaxdiff.pipelines.generate:main_img2img",
+        "edit an image towards a prompt (see `jaxdiff img2img --help`)",
+    ),
     "train": ("jaxdiff.train.cli", "train a model (see `jaxdiff train --help`)"),
     "data": ("jaxdiff.data.cli", "build and inspect data sets (see `jaxdiff data --help`)"),
     "eval": ("jaxdiff.eval.cli", "score generated images (see `jaxdiff eval --help`)"),
@@ -94,8 +132,10 @@ DELEGATED = {
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    tune_cpu()  # before any JAX computation (jaxdiff.runtime says why)
     if argv and argv[0] in DELEGATED:
         import importlib
+
         module, _, func = DELEGATED[argv[0]][0].partition(":")
         return getattr(importlib.import_module(module), func or "main")(argv[1:])
     ap = argparse.ArgumentParser(prog="jaxdiff", description="JAX/Flax text-to-image diffusion.")
@@ -105,21 +145,38 @@ def main(argv=None):
     c = sub.add_parser("convert", help="original single-file SD checkpoint -> diffusers folder")
     c.add_argument("checkpoint", help="a .safetensors (or .ckpt, read with weights_only=True)")
     c.add_argument("--out", required=True, help="the diffusers folder to write")
-    c.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
-                   help="not stored in single files: v_prediction for SD 2.x 768-px models")
-    c.add_argument("--config", help="a diffusers folder whose unet/, vae/, text_encoder/ config.json "
-                   "give the architecture (default: inferred, SD 1.x / 2.x conventions)")
+    c.add_argument(
+        "--prediction-type",
+        default="epsilon",
+        choices=["epsilon", "v_prediction"],
+        help="not stored in single files: v_prediction for SD 2.x 768-px models",
+    )
+    c.add_argument(
+        "--config",
+        help="a diffusers folder whose unet/, vae/, text_encoder/ config.json "
+        "give the architecture (default: inferred, SD 1.x / 2.x conventions)",
+    )
     c.add_argument("--overwrite", action="store_true")
-    e = sub.add_parser("export", help="a training run -> a CLIPModel, AutoencoderKL or diffusers SD folder")
-    e.add_argument("--workdir", required=True, help="the `jaxdiff train` run (its newest checkpoint)")
+    e = sub.add_parser(
+        "export", help="a training run -> a CLIPModel, AutoencoderKL or diffusers SD folder"
+    )
+    e.add_argument(
+        "--workdir", required=True, help="the `jaxdiff train` run (its newest checkpoint)"
+    )
     e.add_argument("--out", required=True)
     e.add_argument("--overwrite", action="store_true")
-    e.add_argument("--drop-logit-bias", action="store_true", help="export a sigmoid-loss CLIP without its bias")
-    e.add_argument("--raw-params", action="store_true",
-                   help="a latent-diffusion run: export the trained params, not their EMA")
+    e.add_argument(
+        "--drop-logit-bias", action="store_true", help="export a sigmoid-loss CLIP without its bias"
+    )
+    e.add_argument(
+        "--raw-params",
+        action="store_true",
+        help="a latent-diffusion run: export the trained params, not their EMA",
+    )
     args = ap.parse_args(argv)
     if args.command == "export":
         from jaxdiff.convert.diffusers import ModelFolderError
+
         try:
             _export(args)
         except (FileNotFoundError, ModelFolderError) as err:
@@ -127,11 +184,18 @@ def main(argv=None):
     if args.command == "convert":
         from jaxdiff.convert.diffusers import ModelFolderError
         from jaxdiff.convert.naming import ConversionError
+
         try:
             _convert(args)
         except (ConversionError, ModelFolderError) as e:
-            hint = "" if args.config else ("\n(an architecture other than SD 1.x / 2.x? pass --config "
-                                           "with a diffusers folder that describes it)")
+            hint = (
+                ""
+                if args.config
+                else (
+                    "\n(an architecture other than SD 1.x / 2.x? pass --config "
+                    "with a diffusers folder that describes it)"
+                )
+            )
             sys.exit(f"jaxdiff convert: {e}{hint}")
 
 

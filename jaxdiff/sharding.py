@@ -4,31 +4,33 @@ Models annotate params (``nn.with_logical_partitioning``) and key activations
 (``nn.with_logical_constraint``) with the logical names below; a rule set turns them into mesh axes.
 ``tests/test_sharding.py`` proves every name a model uses is covered by every rule set.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Mesh axes.
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 MESH_AXES = (DATA, FSDP, TENSOR)
 
 # Logical axis names.
-BATCH = "batch"            # examples
-LENGTH = "length"          # tokens, or flattened pixels
+BATCH = "batch"  # examples
+LENGTH = "length"  # tokens, or flattened pixels
 HEIGHT, WIDTH = "height", "width"
-EMBED = "embed"            # a layer's input width (model / channel dimension)
-MLP = "mlp"                # a layer's output or hidden width
-HEADS = "heads"            # attention heads
-KV = "kv"                  # per-head features
-VOCAB = "vocab"            # token vocabulary
+EMBED = "embed"  # a layer's input width (model / channel dimension)
+MLP = "mlp"  # a layer's output or hidden width
+HEADS = "heads"  # attention heads
+KV = "kv"  # per-head features
+VOCAB = "vocab"  # token vocabulary
 CONV_H, CONV_W = "conv_h", "conv_w"  # a convolution kernel's spatial taps
-NORM = "norm"              # norm scales and biases
+NORM = "norm"  # norm scales and biases
 
 LOGICAL_NAMES = (BATCH, LENGTH, HEIGHT, WIDTH, EMBED, MLP, HEADS, KV, VOCAB, CONV_H, CONV_W, NORM)
 
@@ -38,11 +40,16 @@ _replicated = tuple((name, None) for name in LOGICAL_NAMES if name != BATCH)
 DATA_PARALLEL = ((BATCH, (DATA, FSDP)),) + _replicated
 # FSDP (ZeRO-3 style): params additionally split along their input width.
 FSDP_RULES = ((BATCH, (DATA, FSDP)), (EMBED, FSDP)) + tuple(
-    (n, None) for n in LOGICAL_NAMES if n not in (BATCH, EMBED))
+    (n, None) for n in LOGICAL_NAMES if n not in (BATCH, EMBED)
+)
 # FSDP + tensor parallelism: output widths, heads and the vocabulary split over `tensor`.
-FSDP_TENSOR = ((BATCH, (DATA, FSDP)), (EMBED, FSDP), (MLP, TENSOR), (HEADS, TENSOR),
-               (VOCAB, TENSOR)) + tuple(
-    (n, None) for n in LOGICAL_NAMES if n not in (BATCH, EMBED, MLP, HEADS, VOCAB))
+FSDP_TENSOR = (
+    (BATCH, (DATA, FSDP)),
+    (EMBED, FSDP),
+    (MLP, TENSOR),
+    (HEADS, TENSOR),
+    (VOCAB, TENSOR),
+) + tuple((n, None) for n in LOGICAL_NAMES if n not in (BATCH, EMBED, MLP, HEADS, VOCAB))
 
 RULE_SETS = {"data_parallel": DATA_PARALLEL, "fsdp": FSDP_RULES, "fsdp_tensor": FSDP_TENSOR}
 
@@ -61,7 +68,9 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
             raise ValueError(f"{len(devices)} devices do not divide into mesh {shape}")
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}")
+        raise ValueError(
+            f"mesh {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}"
+        )
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
@@ -84,14 +93,20 @@ def param_shardings(abstract_variables, mesh: Mesh, rules):
     """NamedShardings for every leaf of a boxed abstract tree under ``rules`` (unboxed structure)."""
     specs = nn.logical_to_mesh(logical_specs(abstract_variables), rules)
     shapes = nn.unbox(abstract_variables)
-    return jax.tree.map(lambda s, x: NamedSharding(mesh, _fit(s, x.shape, mesh)), specs, shapes,
-                        is_leaf=lambda s: isinstance(s, P))
+    return jax.tree.map(
+        lambda s, x: NamedSharding(mesh, _fit(s, x.shape, mesh)),
+        specs,
+        shapes,
+        is_leaf=lambda s: isinstance(s, P),
+    )
 
 
 def logical_names_used(abstract_variables) -> set[str]:
     """Every logical axis name that appears in a boxed variable tree."""
     names: set[str] = set()
-    for spec in jax.tree.leaves(logical_specs(abstract_variables), is_leaf=lambda s: isinstance(s, P)):
+    for spec in jax.tree.leaves(
+        logical_specs(abstract_variables), is_leaf=lambda s: isinstance(s, P)
+    ):
         for axes in spec:
             names.update((axes,) if isinstance(axes, str) else tuple(axes or ()))
     return names

@@ -1,4 +1,5 @@
 """CLIP BPE tokenization from a checkpoint's ``tokenizer/`` folder, offline, padded to the model length."""
+
 from __future__ import annotations
 
 import gzip
@@ -22,9 +23,12 @@ class Tokenizer:
 
     def __init__(self, folder, max_length: int | None = None):
         from transformers import CLIPTokenizer
+
         folder = Path(folder)
         if not (folder / "vocab.json").exists() and not (folder / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{folder}: not a CLIP tokenizer folder (no vocab.json or tokenizer.json)")
+            raise FileNotFoundError(
+                f"{folder}: not a CLIP tokenizer folder (no vocab.json or tokenizer.json)"
+            )
         self._tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.max_length = int(max_length or min(self._tok.model_max_length, 10_000))
         self.pad_id = self._tok.pad_token_id
@@ -36,23 +40,35 @@ class Tokenizer:
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
         full = self._tok(prompts, add_special_tokens=True)["input_ids"]
-        for p, ids in zip(prompts, full):
+        for ids in full:
             if len(ids) > self.max_length:
-                dropped = self._tok.decode(ids[self.max_length - 1:-1])
-                warnings.warn(f"prompt truncated to {self.max_length} tokens; dropped: {dropped!r}",
-                              stacklevel=2)
-        out = self._tok(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                        return_tensors="np")["input_ids"]
+                dropped = self._tok.decode(ids[self.max_length - 1 : -1])
+                warnings.warn(
+                    f"prompt truncated to {self.max_length} tokens; dropped: {dropped!r}",
+                    stacklevel=2,
+                )
+        out = self._tok(
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="np",
+        )["input_ids"]
         return out.astype(np.int32)
 
     def decode(self, ids) -> str:
-        return self._tok.decode([i for i in ids if i not in (self.pad_id, self.bos_id, self.eos_id)])
+        return self._tok.decode(
+            [i for i in ids if i not in (self.pad_id, self.bos_id, self.eos_id)]
+        )
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2/CLIP byte-level BPE: printable bytes map to themselves, the rest to code points >= 256.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -66,14 +82,16 @@ def default_bpe_path() -> Path:
     """The OpenAI CLIP merges file shipped inside the open-clip-torch wheel (found, not imported)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("bpe_simple_vocab_16e6.txt.gz not found: install open-clip-torch "
-                                "(pip install --no-deps open-clip-torch) or pass bpe_path")
+        raise FileNotFoundError(
+            "bpe_simple_vocab_16e6.txt.gz not found: install open-clip-torch "
+            "(pip install --no-deps open-clip-torch) or pass bpe_path"
+        )
     return Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def _openai_merges(bpe_path=None) -> list[str]:
     lines = gzip.open(bpe_path or default_bpe_path()).read().decode("utf-8").split("\n")
-    return lines[1:49152 - 256 - 2 + 1]
+    return lines[1 : 49152 - 256 - 2 + 1]
 
 
 def _write_folder(folder, merges: list[str], max_length: int, pad_token: str) -> Path:
@@ -85,11 +103,20 @@ def _write_folder(folder, merges: list[str], max_length: int, pad_token: str) ->
     files = {
         "vocab.json": json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
         "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-        "tokenizer_config.json": json.dumps({
-            "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": BOS,
-            "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token, "do_lower_case": True}),
-        "special_tokens_map.json": json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS,
-                                               "pad_token": pad_token}),
+        "tokenizer_config.json": json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": max_length,
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "unk_token": EOS,
+                "pad_token": pad_token,
+                "do_lower_case": True,
+            }
+        ),
+        "special_tokens_map.json": json.dumps(
+            {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+        ),
     }
     for name, text in files.items():
         tmp = folder / (name + ".tmp")
@@ -115,7 +142,7 @@ def _bpe_merges_used(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple
         first, second = parts[i], parts[i + 1]
         used.append((first, second))
         merged, j = [], 0
-        while j < len(parts):           # merge every occurrence of the pair, left to right
+        while j < len(parts):  # merge every occurrence of the pair, left to right
             if j < len(parts) - 1 and parts[j] == first and parts[j + 1] == second:
                 merged.append(first + second)
                 j += 2

@@ -16,7 +16,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 # One persistent XLA compilation cache for this test run (shared by pytest-xdist workers and the processes
 # tests start): many tests build the same smoke models, and compiling them again is most of their time on a
 # CPU. Every run starts cold (a fresh folder, removed at the end), so a run never reuses an older one's programs.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or os.environ.setdefault("JAXDIFF_TEST_RUN", uuid.uuid4().hex)
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or os.environ.setdefault(
+    "JAXDIFF_TEST_RUN", uuid.uuid4().hex
+)
 CACHE = os.path.join(tempfile.gettempdir(), f"jaxdiff-test-xla-cache-{_RUN}")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
@@ -24,5 +26,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not hasattr(session.config, "workerinput"):          # the controller (or a plain run), not an xdist worker
+    if not hasattr(
+        session.config, "workerinput"
+    ):  # the controller (or a plain run), not an xdist worker
         shutil.rmtree(CACHE, ignore_errors=True)

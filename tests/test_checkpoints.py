@@ -1,21 +1,21 @@
 """Whole diffusers folders: load, export back exactly, and clear errors for bad input."""
+
 import json
 import shutil
 
-import numpy as np
-import pytest
-import torch
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+import torch
 
-from jaxdiff import reference as ref
 from jaxdiff.convert import diffusers as dconv
 from jaxdiff.convert import naming, tensors
 from jaxdiff.convert.diffusers import ModelFolderError
-from jaxdiff.pretrained import load_pretrained, save_pretrained
-from jaxdiff.text import TextTransformer
-from jaxdiff.unet import UNet
+from jaxdiff.convert.pretrained import load_pretrained, save_pretrained
+from jaxdiff.models.text import TextTransformer
+from jaxdiff.models.unet import UNet
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,13 @@ def test_load_pipeline_folder_matches_diffusers(sd_folder):
     model = load_pretrained(folder)
     assert model.scheduler_config["beta_schedule"] == "scaled_linear"
     ids = model.tokenizer(["a photo of a cat", ""])
-    ids_ref = pipe.tokenizer(["a photo of a cat", ""], padding="max_length", max_length=77,
-                             truncation=True, return_tensors="np").input_ids
+    ids_ref = pipe.tokenizer(
+        ["a photo of a cat", ""],
+        padding="max_length",
+        max_length=77,
+        truncation=True,
+        return_tensors="np",
+    ).input_ids
     np.testing.assert_array_equal(ids, ids_ref)
     # text encoder -> UNet on its context, as a pipeline step would run it
     with torch.no_grad():
@@ -40,8 +45,9 @@ def test_load_pipeline_folder_matches_diffusers(sd_folder):
         eps = pipe.unet(x, 501, ctx).sample.numpy()
     jctx = TextTransformer(model.text_config).apply({"params": model.params["text_encoder"]}, ids)
     np.testing.assert_allclose(jctx["last_hidden_state"], ctx.numpy(), atol=1e-5)
-    jeps = UNet(model.unet_config).apply({"params": model.params["unet"]}, ref.nhwc(x), 501,
-                                         jctx["last_hidden_state"])
+    jeps = UNet(model.unet_config).apply(
+        {"params": model.params["unet"]}, ref.nhwc(x), 501, jctx["last_hidden_state"]
+    )
     np.testing.assert_allclose(ref.nchw(jeps), eps, atol=1e-4 * np.abs(eps).max())
 
 
@@ -50,6 +56,7 @@ def test_export_round_trip_is_exact(sd_folder, tmp_path):
     model = load_pretrained(folder)
     out = save_pretrained(model, tmp_path / "exported")
     from diffusers import StableDiffusionPipeline
+
     back = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(pipe, name).state_dict(), getattr(back, name).state_dict()
@@ -60,7 +67,9 @@ def test_export_round_trip_is_exact(sd_folder, tmp_path):
             assert torch.equal(a[k], b[k]), f"{name}: {k} changed in the round trip"
     again = load_pretrained(out)
     for name in ("unet", "vae", "text_encoder"):
-        same = jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), model.params[name], again.params[name])
+        same = jax.tree.map(
+            lambda x, y: bool(np.array_equal(x, y)), model.params[name], again.params[name]
+        )
         assert all(jax.tree.leaves(same)), name
     assert again.unet_config == model.unet_config and again.vae_config == model.vae_config
 
@@ -82,8 +91,10 @@ def test_bin_and_fp16_variant_files_load(sd_folder, tmp_path):
     shutil.copy(folder / "unet" / "config.json", unet_dir)
     sd = pipe.unet.state_dict()
     torch.save(sd, unet_dir / "diffusion_pytorch_model.bin")
-    tensors.write_safetensors(unet_dir / "diffusion_pytorch_model.fp16.safetensors",
-                              {k: v.half().numpy() for k, v in sd.items()})
+    tensors.write_safetensors(
+        unet_dir / "diffusion_pytorch_model.fp16.safetensors",
+        {k: v.half().numpy() for k, v in sd.items()},
+    )
     _, p_bin = dconv.load_component(unet_dir, "unet")
     _, p_16 = dconv.load_component(unet_dir, "unet", variant="fp16")
     _, p_ref = dconv.load_component(folder / "unet", "unet")
@@ -95,19 +106,26 @@ def test_bin_and_fp16_variant_files_load(sd_folder, tmp_path):
 
 def test_bf16_safetensors_round_trip(tmp_path):
     import ml_dtypes
+
     x = np.random.default_rng(0).standard_normal((3, 5)).astype(ml_dtypes.bfloat16)
-    tensors.write_safetensors(tmp_path / "w.safetensors", {"w": x, "i": np.arange(4, dtype=np.int64)})
+    tensors.write_safetensors(
+        tmp_path / "w.safetensors", {"w": x, "i": np.arange(4, dtype=np.int64)}
+    )
     back = tensors.read_safetensors(tmp_path / "w.safetensors")
     assert back["w"].dtype == ml_dtypes.bfloat16 and np.array_equal(back["w"], x)
     from safetensors.torch import load_file  # the reference reader agrees with ours
-    assert torch.equal(load_file(tmp_path / "w.safetensors")["w"].float(), torch.tensor(x.astype(np.float32)))
+
+    assert torch.equal(
+        load_file(tmp_path / "w.safetensors")["w"].float(), torch.tensor(x.astype(np.float32))
+    )
 
 
 def _unet_sd(tmp_path):
     model = ref.make_unet(ref.UNET_SD1)
     model.save_pretrained(tmp_path)
     return dconv.unet_config_from_diffusers(json.loads((tmp_path / "config.json").read_text())), {
-        k: v.numpy() for k, v in model.state_dict().items()}
+        k: v.numpy() for k, v in model.state_dict().items()
+    }
 
 
 def test_missing_extra_and_misshapen_tensors_are_named(tmp_path):
@@ -145,13 +163,20 @@ def test_bad_folders_give_clear_errors(sd_folder, tmp_path):
 
 def test_sdxl_preset_shapes():
     """The SDXL UNet builds and runs abstractly at 128x128 latents (no allocation)."""
-    from jaxdiff.unet import PRESETS
+    from jaxdiff.models.unet import PRESETS
+
     cfg = PRESETS["sdxl"]
     params = jax.eval_shape(lambda: UNet(cfg).init(jax.random.key(0), *dconv._unet_inputs(cfg)))
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     assert 2.5e9 < n < 2.7e9, n  # SDXL's UNet has 2.57B parameters
-    out = jax.eval_shape(lambda p: UNet(cfg).apply(p, jnp.zeros((2, 128, 128, 4)), jnp.zeros(2),
-                                                   jnp.zeros((2, 77, 2048)),
-                                                   {"text_embeds": jnp.zeros((2, 1280)),
-                                                    "time_ids": jnp.zeros((2, 6))}), params)
+    out = jax.eval_shape(
+        lambda p: UNet(cfg).apply(
+            p,
+            jnp.zeros((2, 128, 128, 4)),
+            jnp.zeros(2),
+            jnp.zeros((2, 77, 2048)),
+            {"text_embeds": jnp.zeros((2, 1280)), "time_ids": jnp.zeros((2, 6))},
+        ),
+        params,
+    )
     assert out.shape == (2, 128, 128, 4)

@@ -1,13 +1,13 @@
 """`jaxdiff convert`: a single-file checkpoint becomes a diffusers folder, as a user runs it."""
-import numpy as np
-import pytest
 
 import jax
+import numpy as np
+import pytest
+import reference as ref
 
 from jaxdiff import cli
-from jaxdiff import reference as ref
+from jaxdiff.convert.pretrained import load_pretrained
 from jaxdiff.convert.single_file import save_single_file
-from jaxdiff.pretrained import load_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -16,9 +16,12 @@ def single_file(tmp_path_factory):
     ref.make_pipeline_folder(root / "sd", unet=ref.UNET_SD2)
     model = load_pretrained(root / "sd")
     path = root / "model.safetensors"
-    save_single_file(path, unet=(model.unet_config, model.params["unet"]),
-                     vae=(model.vae_config, model.params["vae"]),
-                     text_encoder=(model.text_config, model.params["text_encoder"]))
+    save_single_file(
+        path,
+        unet=(model.unet_config, model.params["unet"]),
+        vae=(model.vae_config, model.params["vae"]),
+        text_encoder=(model.text_config, model.params["text_encoder"]),
+    )
     return root, path, model
 
 
@@ -32,7 +35,9 @@ def test_convert_to_diffusers_folder(single_file, tmp_path, capsys):
     np.testing.assert_array_equal(back.tokenizer("a cat"), model.tokenizer("a cat"))
     # a second run refuses to overwrite what the first wrote
     with pytest.raises(SystemExit, match="--overwrite"):
-        cli.main(["convert", str(path), "--out", str(tmp_path / "out"), "--config", str(root / "sd")])
+        cli.main(
+            ["convert", str(path), "--out", str(tmp_path / "out"), "--config", str(root / "sd")]
+        )
 
 
 def test_convert_errors_are_clear(single_file, tmp_path):

@@ -1,4 +1,5 @@
 """The Frechet distance on fixed shapes-world features."""
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -11,7 +12,7 @@ N = 300
 
 
 def _reference_fd(mu1, s1, mu2, s2):
-    covmean = scipy.linalg.sqrtm(s1 @ s2).real   # the classic (non-symmetric) route, float64 numpy
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real  # the classic (non-symmetric) route, float64 numpy
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
@@ -22,9 +23,10 @@ def test_distance_matches_scipy_and_closed_form():
     mu1, mu2 = rng.normal(size=12), rng.normal(size=12)
     expected = _reference_fd(mu1, s1, mu2, s2)
     assert fr.frechet_distance((mu1, s1), (mu2, s2)) == pytest.approx(expected, rel=1e-9)
-    d1, d2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)   # diagonal: sum (sqrt a - sqrt b)^2
+    d1, d2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)  # diagonal: sum (sqrt a - sqrt b)^2
     assert fr.frechet_distance((mu1[:5], np.diag(d1)), (mu1[:5], np.diag(d2))) == pytest.approx(
-        ((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum(), rel=1e-9)
+        ((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum(), rel=1e-9
+    )
     assert abs(fr.frechet_distance((mu1, s1), (mu1, s1))) < 1e-9
 
 
@@ -40,7 +42,9 @@ def test_features_are_fixed_and_resolution_free(real):
     f = fr.features(a[:7])
     assert f.shape == (7, fr.FEATURE_DIM) and np.isfinite(f).all()
     np.testing.assert_array_equal(f, fr.features(a[:7]))
-    np.testing.assert_allclose(f[3], fr.features(a[3:4])[0], rtol=1e-5, atol=1e-6)   # batch-independent
+    np.testing.assert_allclose(
+        f[3], fr.features(a[3:4])[0], rtol=1e-5, atol=1e-6
+    )  # batch-independent
     with pytest.raises(ValueError, match="uint8 images"):
         fr.features(a[:2].astype(np.float32))
 
@@ -49,9 +53,11 @@ def test_real_vs_real_is_small_and_degradations_rank_monotonically(real):
     _, b, stats = real
     real_fd = fr.frechet_distance(stats, fr.statistics(fr.features(b)))
     rng = np.random.default_rng(0)
-    ladders = {"blur": [dict(blur=s, noise=0, shift=0) for s in (0.5, 1.0, 2.0)],
-               "noise": [dict(blur=0, noise=s / 255, shift=0) for s in (4, 12, 32)],
-               "shift": [dict(blur=0, noise=0, shift=s) for s in (5, 10, 20)]}
+    ladders = {
+        "blur": [dict(blur=s, noise=0, shift=0) for s in (0.5, 1.0, 2.0)],
+        "noise": [dict(blur=0, noise=s / 255, shift=0) for s in (4, 12, 32)],
+        "shift": [dict(blur=0, noise=0, shift=s) for s in (5, 10, 20)],
+    }
     for name, steps in ladders.items():
         values = []
         for kw in steps:
@@ -68,8 +74,19 @@ def test_cli_against_rendered_reference(real, tmp_path, capsys):
     a, _, _ = real
     for i, im in enumerate(a[:20]):
         Image.fromarray(im).save(tmp_path / f"{i:02d}.png")
-    cli.main(["frechet", "--images", str(tmp_path), "--reference", "shapes_world:train", "--num", "40",
-              "--json", str(tmp_path / "fd.json")])
+    cli.main(
+        [
+            "frechet",
+            "--images",
+            str(tmp_path),
+            "--reference",
+            "shapes_world:train",
+            "--num",
+            "40",
+            "--json",
+            str(tmp_path / "fd.json"),
+        ]
+    )
     out = capsys.readouterr().out
     expected = fr.frechet(a[:20], fr.reference_images("train", 40))
     assert f"frechet distance {expected:.4f}" in out

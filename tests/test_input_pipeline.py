@@ -1,4 +1,5 @@
 """The input pipeline: decode/crop, shuffling, exact resume, host sharding, tokens, global arrays on 8 devices."""
+
 import io
 import json
 
@@ -35,8 +36,17 @@ def source(n=40, res=8, bad=(5, 17)):
 
 
 def config(**kw):
-    return pl.PipelineConfig(**{"resolution": 8, "global_batch": 4, "shard_index": 0, "shard_count": 1,
-                                "num_threads": 3, "prefetch_examples": 16, **kw})
+    return pl.PipelineConfig(
+        **{
+            "resolution": 8,
+            "global_batch": 4,
+            "shard_index": 0,
+            "shard_count": 1,
+            "num_threads": 3,
+            "prefetch_examples": 16,
+            **kw,
+        }
+    )
 
 
 def captions(batches):
@@ -48,6 +58,7 @@ def take(it, k):
 
 
 # --- decoding -------------------------------------------------------------------------------------
+
 
 def test_center_crop_resize_of_a_ramp():
     # Landscape ramp, pixel value = column: the centre square is columns 64..191, so output column j
@@ -80,18 +91,27 @@ def test_exif_orientation_is_applied():
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=100, exif=exif)
     out = pl.load_image(buf.getvalue(), 16).astype(int)
-    assert (np.abs(out[:6] - (255, 0, 0)) < 40).all() and (np.abs(out[10:] - (0, 0, 255)) < 40).all()
+    assert (np.abs(out[:6] - (255, 0, 0)) < 40).all() and (
+        np.abs(out[10:] - (0, 0, 255)) < 40
+    ).all()
 
 
 def test_images_float_and_uint8_exact(tok):
-    src = [{"image": np.full((8, 8, 3), v, np.uint8), "caption": "a photo of a cat"} for v in (0, 255, 51, 204)]
+    src = [
+        {"image": np.full((8, 8, 3), v, np.uint8), "caption": "a photo of a cat"}
+        for v in (0, 255, 51, 204)
+    ]
     it = iter(pl.make_pipeline(src, config(shuffle=False, num_epochs=1), tok).dataset)
     b = next(it)
     assert b["image"].dtype == np.float32 and b["image"].shape == (4, 8, 8, 3)
     np.testing.assert_array_equal(b["image"][:, 0, 0, 0], np.float32([-1.0, 1.0, -0.6, 0.6]))
     np.testing.assert_array_equal(b["tokens"][0, :7], [49406, 320, 1125, 539, 320, 2368, 49407])
     assert b["tokens"].dtype == np.int32 and b["tokens"].shape == (4, 77)
-    u = next(iter(pl.make_pipeline(src, config(shuffle=False, num_epochs=1, image_dtype="uint8")).dataset))
+    u = next(
+        iter(
+            pl.make_pipeline(src, config(shuffle=False, num_epochs=1, image_dtype="uint8")).dataset
+        )
+    )
     np.testing.assert_array_equal(u["image"], np.stack([s["image"] for s in src]))
     assert "tokens" not in u
 
@@ -103,6 +123,7 @@ def test_tokens_match_the_tokenizer(tok):
 
 
 # --- order, resume, hosts -------------------------------------------------------------------------
+
 
 def test_shuffle_is_seeded_and_epochs_reshuffle():
     src = source(bad=())
@@ -129,7 +150,10 @@ def test_resume_is_exact(tok):
     b = take(it2, 5)
     for x, y in zip(a, b):
         assert x["caption"] == y["caption"]
-        assert x["image"].tobytes() == y["image"].tobytes() and x["tokens"].tobytes() == y["tokens"].tobytes()
+        assert (
+            x["image"].tobytes() == y["image"].tobytes()
+            and x["tokens"].tobytes() == y["tokens"].tobytes()
+        )
     assert dict(pipe.skips.counts) == {"not a decodable image": 2}  # 2 bad records, met in 4 epochs
     # Restoring to an earlier position of a running iterator rewinds it.
     pl.restore_state(it, blob)
@@ -171,7 +195,9 @@ def test_host_shards_are_disjoint_and_complete():
     one = captions(pl.make_pipeline(src, config(global_batch=8, num_epochs=1)).dataset)
     shards = []
     for i in range(2):
-        pipe = pl.make_pipeline(src, config(global_batch=8, num_epochs=1, shard_index=i, shard_count=2))
+        pipe = pl.make_pipeline(
+            src, config(global_batch=8, num_epochs=1, shard_index=i, shard_count=2)
+        )
         assert pipe.per_host_batch == 4 and pipe.shard_records == 24
         shards.append(captions(pipe.dataset))
     assert len(one) == 48 and len(shards[0]) == len(shards[1]) == 24
@@ -204,6 +230,7 @@ def test_bad_input_is_named():
 
 # --- global arrays --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rules", [sh.DATA_PARALLEL, sh.FSDP_TENSOR])
 def test_global_arrays_on_the_mesh(tok, rules):
     mesh = sh.make_mesh((2, 4, 1))
@@ -218,19 +245,28 @@ def test_global_arrays_on_the_mesh(tok, rules):
             rows = shard.index[0]
             assert rows.stop - rows.start == 1
             np.testing.assert_array_equal(np.asarray(shard.data), batch[key][rows])
-    with pytest.raises(ValueError, match="global batch 4 does not split over the mesh's batch axes"):
+    with pytest.raises(
+        ValueError, match="global batch 4 does not split over the mesh's batch axes"
+    ):
         pl.to_global({"image": batch["image"][:4]}, mesh)
 
 
 # --- the shapes_world TFDS source -----------------------------------------------------------------
 
+
 def test_shapes_world_tfds_source(tmp_path):
     from jaxdiff.data import shapes_tfds as sw_tfds
-    sw_tfds.ShapesWorld(config="32", data_dir=str(tmp_path), split_sizes={"train": 24, "validation": 0,
-                        "heldout": 0}).download_and_prepare(file_format="array_record")
+
+    sw_tfds.ShapesWorld(
+        config="32",
+        data_dir=str(tmp_path),
+        split_sizes={"train": 24, "validation": 0, "heldout": 0},
+    ).download_and_prepare(file_format="array_record")
     src = pl.open_source(f"shapes_world:{tmp_path}", resolution=32)
     assert len(src) == 24
-    pipe = pl.make_pipeline(src, config(resolution=32, global_batch=8, num_epochs=1, image_dtype="uint8"))
+    pipe = pl.make_pipeline(
+        src, config(resolution=32, global_batch=8, num_epochs=1, image_dtype="uint8")
+    )
     got = {(c, b["image"][i].tobytes()) for b in pipe.dataset for i, c in enumerate(b["caption"])}
     want = {(src[i]["caption"].decode(), src[i]["image"].tobytes()) for i in range(24)}
     assert got == want
@@ -239,6 +275,7 @@ def test_shapes_world_tfds_source(tmp_path):
 def test_shapes_world_memory_source():
     # Rendered in 2 spawned processes, record i is example i of the split (= record i of a TFDS build).
     from jaxdiff.data import shapes_world as sw
+
     src = pl.open_source("shapes_world_memory:7", resolution=32, split="validation")
     assert len(src) == 7
     for i in (0, 3, 6):
@@ -246,7 +283,10 @@ def test_shapes_world_memory_source():
         np.testing.assert_array_equal(src[i]["image"], want["image"])
         assert src[i]["caption"] == want["caption"]
     assert len({c["caption"] for c in src}) > 1
-    with pytest.raises(ValueError, match=r"shapes_world_memory:N\[:KIND=FRACTION,...\]\[,renders=K\]\[,canonical=1\]\[,shared=F\] with N a"):
+    with pytest.raises(
+        ValueError,
+        match=r"shapes_world_memory:N\[:KIND=FRACTION,...\]\[,renders=K\]\[,canonical=1\]\[,shared=F\] with N a",
+    ):
         pl.open_source("shapes_world_memory:lots")
     with pytest.raises(ValueError, match="resolution one of"):
         pl.shapes_world_memory(4, resolution=48)
@@ -256,11 +296,23 @@ def test_shapes_world_memory_kind_mix():
     # relation=0.5: half the records are relation scenes, the first ones of the split in index order;
     # the three other kinds share the rest (quotas add up to n by largest remainder).
     from jaxdiff.data import shapes_world as sw
+
     # ties in the remainders go to the kinds in the spec's order (single, relation, count, background)
-    assert pl.kind_quotas(10, {"relation": 0.5}) == {"single": 2, "relation": 5, "count": 2, "background": 1}
-    assert pl.kind_quotas(12, {"relation": 0.5, "count": 0.25}) == {"single": 2, "relation": 6, "count": 3,
-                                                                   "background": 1}
-    src = pl.open_source("shapes_world_memory:8:relation=0.5,count=0.5", resolution=32, split="validation")
+    assert pl.kind_quotas(10, {"relation": 0.5}) == {
+        "single": 2,
+        "relation": 5,
+        "count": 2,
+        "background": 1,
+    }
+    assert pl.kind_quotas(12, {"relation": 0.5, "count": 0.25}) == {
+        "single": 2,
+        "relation": 6,
+        "count": 3,
+        "background": 1,
+    }
+    src = pl.open_source(
+        "shapes_world_memory:8:relation=0.5,count=0.5", resolution=32, split="validation"
+    )
     kinds = [sw.parse_caption(c["caption"]).kind for c in src]
     assert sorted(kinds) == ["count"] * 4 + ["relation"] * 4
     first_rel = [i for i in range(100) if sw.sample_scene("validation", i).kind == "relation"][:4]
@@ -279,7 +331,9 @@ def test_shapes_world_memory_kind_mix():
 
 def array_source(n=40, res=8):
     rng = np.random.default_rng(0)
-    return pl.ArraySource(rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8), [f"caption {i}" for i in range(n)])
+    return pl.ArraySource(
+        rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8), [f"caption {i}" for i in range(n)]
+    )
 
 
 def test_array_source_batches_are_gathers_of_each_epoch(tok):
@@ -289,18 +343,30 @@ def test_array_source_batches_are_gathers_of_each_epoch(tok):
     batches = list(pipe.dataset)
     assert len(batches) == 10
     caps = captions(batches)
-    assert sorted(caps[:40]) == sorted(caps[40:]) == sorted(src.captions)   # every record once per epoch
-    assert caps[:40] != caps[40:] and caps[:40] != src.captions              # shuffled, anew each epoch
+    assert (
+        sorted(caps[:40]) == sorted(caps[40:]) == sorted(src.captions)
+    )  # every record once per epoch
+    assert caps[:40] != caps[40:] and caps[:40] != src.captions  # shuffled, anew each epoch
     for b in batches:
         idx = [int(c.split()[1]) for c in b["caption"]]
         np.testing.assert_array_equal(b["image"], src.images[idx].astype(np.float32) / 127.5 - 1)
         np.testing.assert_array_equal(b["tokens"], tok(b["caption"]))
     again = captions(pl.make_pipeline(src, config(global_batch=8, num_epochs=2), tok).dataset)
-    other = captions(pl.make_pipeline(src, config(global_batch=8, num_epochs=2, seed=1), tok).dataset)
+    other = captions(
+        pl.make_pipeline(src, config(global_batch=8, num_epochs=2, seed=1), tok).dataset
+    )
     assert again == caps and other != caps
     # hosts read disjoint halves
-    halves = [set(captions(pl.make_pipeline(src, config(global_batch=8, num_epochs=1, shard_index=i, shard_count=2),
-                                            tok).dataset)) for i in (0, 1)]
+    halves = [
+        set(
+            captions(
+                pl.make_pipeline(
+                    src, config(global_batch=8, num_epochs=1, shard_index=i, shard_count=2), tok
+                ).dataset
+            )
+        )
+        for i in (0, 1)
+    ]
     assert not halves[0] & halves[1] and halves[0] | halves[1] == set(src.captions)
 
 
@@ -308,32 +374,44 @@ def test_grouped_array_source_keeps_each_group_whole(tok):
     # 12 groups of 4 records (renders of one caption): a batch of 8 is two whole groups in record order,
     # the groups shuffled anew each epoch; hosts read disjoint groups; resuming is exact
     n, g = 48, 4
-    src = pl.ArraySource(np.random.default_rng(0).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
-                         [f"caption {i}" for i in range(n)], group=g)
+    src = pl.ArraySource(
+        np.random.default_rng(0).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+        [f"caption {i}" for i in range(n)],
+        group=g,
+    )
     index = lambda b: [int(c.split()[1]) for c in b["caption"]]  # noqa: E731
     batches = list(pl.make_pipeline(src, config(global_batch=8, num_epochs=2), tok).dataset)
     assert len(batches) == 12
     for b in batches:
         idx = index(b)
         for lo in (0, 4):
-            assert idx[lo] % g == 0 and idx[lo:lo + 4] == list(range(idx[lo], idx[lo] + 4))
+            assert idx[lo] % g == 0 and idx[lo : lo + 4] == list(range(idx[lo], idx[lo] + 4))
         np.testing.assert_array_equal(b["image"], src.images[idx].astype(np.float32) / 127.5 - 1)
     order = [index(b)[lo] // g for b in batches for lo in (0, 4)]
     assert sorted(order[:12]) == sorted(order[12:]) == list(range(12))
     assert order[:12] != list(range(12)) and order[:12] != order[12:]
-    halves = [{i // g for b in pl.make_pipeline(src, config(global_batch=8, num_epochs=1, shard_index=h,
-                                                            shard_count=2), tok).dataset for i in index(b)}
-              for h in (0, 1)]
+    halves = [
+        {
+            i // g
+            for b in pl.make_pipeline(
+                src, config(global_batch=8, num_epochs=1, shard_index=h, shard_count=2), tok
+            ).dataset
+            for i in index(b)
+        }
+        for h in (0, 1)
+    ]
     assert not halves[0] & halves[1] and halves[0] | halves[1] == set(range(12))
     it = iter(pl.make_pipeline(src, config(global_batch=8), tok).dataset)
     take(it, 4)
     blob = pl.state_to_bytes(it)
-    a = captions(take(it, 5))                        # crosses the epoch boundary
+    a = captions(take(it, 5))  # crosses the epoch boundary
     it2 = iter(pl.make_pipeline(src, config(global_batch=8), tok).dataset)
     pl.restore_state(it2, blob)
     assert captions(take(it2, 5)) == a
-    with pytest.raises(ValueError, match="different pipeline"):   # the same records, ungrouped
-        pl.restore_state(iter(pl.make_pipeline(array_source(48), config(global_batch=8), tok).dataset), blob)
+    with pytest.raises(ValueError, match="different pipeline"):  # the same records, ungrouped
+        pl.restore_state(
+            iter(pl.make_pipeline(array_source(48), config(global_batch=8), tok).dataset), blob
+        )
     with pytest.raises(ValueError, match=r"batch \(6\) must hold whole groups of 4"):
         pl.make_pipeline(src, config(global_batch=6), tok)
     with pytest.raises(ValueError, match="needs the in-memory array path"):
@@ -347,7 +425,10 @@ def test_shapes_world_memory_renders_each_caption_several_times():
     # example's own scene, then 2 other scenes of its caption; every render satisfies its caption
     from jaxdiff.data import shapes_world as sw
     from jaxdiff.eval import fidelity
-    src = pl.open_source("shapes_world_memory:12:relation=0.5,renders=3", resolution=64, split="validation")
+
+    src = pl.open_source(
+        "shapes_world_memory:12:relation=0.5,renders=3", resolution=64, split="validation"
+    )
     assert len(src) == 12 and src.group == 3
     caps = [src[i]["caption"] for i in range(12)]
     assert all(caps[i] == caps[i - i % 3] for i in range(12)) and len(set(caps)) == 4
@@ -365,7 +446,9 @@ def test_shapes_world_memory_renders_each_caption_several_times():
     with pytest.raises(ValueError, match="renders must be a whole number"):
         pl.open_source("shapes_world_memory:12:renders=2.5", resolution=32)
     # canonical=1: the same captions, relation scenes in their canonical layout
-    canon = pl.open_source("shapes_world_memory:4:relation=1,canonical=1", resolution=32, split="validation")
+    canon = pl.open_source(
+        "shapes_world_memory:4:relation=1,canonical=1", resolution=32, split="validation"
+    )
     spec = pl.open_source("shapes_world_memory:4:relation=1", resolution=32, split="validation")
     assert [canon[k]["caption"] for k in range(4)] == [spec[k]["caption"] for k in range(4)]
     assert any(not np.array_equal(canon[k]["image"], spec[k]["image"]) for k in range(4))
@@ -374,7 +457,10 @@ def test_shapes_world_memory_renders_each_caption_several_times():
     # shared=F: that fraction of relation scenes names a B that shares A's colour or shape; the rest unchanged
     both = pl.open_source("shapes_world_memory:8:relation=1,shared=1,canonical=1", resolution=64)
     plain = pl.open_source("shapes_world_memory:8:relation=1,canonical=1", resolution=64)
-    pairs = [[(o.colour, o.shape) for o in sw.parse_caption(both[k]["caption"]).objects] for k in range(8)]
+    pairs = [
+        [(o.colour, o.shape) for o in sw.parse_caption(both[k]["caption"]).objects]
+        for k in range(8)
+    ]
     assert all(a != b and (a[0] == b[0] or a[1] == b[1]) for a, b in pairs), pairs
     assert [both[k]["caption"] for k in range(8)] != [plain[k]["caption"] for k in range(8)]
     assert all(fidelity.score(both[k]["image"], both[k]["caption"])["correct"] for k in range(8))
@@ -383,12 +469,13 @@ def test_shapes_world_memory_renders_each_caption_several_times():
     with pytest.raises(ValueError, match="shared must lie in \\[0, 1\\], got 1.5"):
         pl.open_source("shapes_world_memory:4:shared=1.5", resolution=32)
 
+
 def test_array_source_resumes_exactly(tok):
     src, cfg = array_source(30), config(global_batch=4)
     it = iter(pl.make_pipeline(src, cfg, tok).dataset)
     take(it, 5)
     blob = pl.state_to_bytes(it)
-    a = take(it, 4)                                  # crosses the epoch boundary (30 records, batches of 4)
+    a = take(it, 4)  # crosses the epoch boundary (30 records, batches of 4)
     it2 = iter(pl.make_pipeline(src, cfg, tok).dataset)
     take(it2, 2)
     pl.restore_state(it2, blob)
@@ -396,7 +483,9 @@ def test_array_source_resumes_exactly(tok):
     assert captions(a) == captions(b)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["image"], y["image"])
-    grain_state = pl.state_to_bytes(iter(pl.make_pipeline(list(src), cfg).dataset))   # a list: grain's path
+    grain_state = pl.state_to_bytes(
+        iter(pl.make_pipeline(list(src), cfg).dataset)
+    )  # a list: grain's path
     with pytest.raises(ValueError, match="different pipeline"):
         pl.restore_state(it2, grain_state)
     with pytest.raises(ValueError, match=r"uint8 \[N, S, S, 3\]"):

@@ -3,35 +3,60 @@
 Every reference is saved with save_pretrained and read back through the production loader.
 Tolerance: max abs error <= 1e-4 x the reference output's max abs value.
 """
-import numpy as np
-import pytest
-import torch
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+import torch
 
-from jaxdiff import reference as ref
 from jaxdiff.convert import diffusers as dconv
-from jaxdiff.text import TextTransformer
-from jaxdiff.unet import UNet
-from jaxdiff.vae import AutoencoderKL
+from jaxdiff.models.text import TextTransformer
+from jaxdiff.models.unet import UNet
+from jaxdiff.models.vae import AutoencoderKL
 
 TOL = 1e-4
 # Rarer options: inpainting's 9 input channels, only-cross-attention blocks (the mid block still
 # self-attends), no mid block, sin-first time embedding with a frequency shift, no quant convs.
-UNET_ODD = dict(sample_size=8, block_out_channels=(24, 48, 48), layers_per_block=3, in_channels=9,
-                down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
-                cross_attention_dim=20, attention_head_dim=(3, 6, 6), norm_num_groups=6,
-                only_cross_attention=True)
-UNET_NO_MID = dict(sample_size=8, block_out_channels=(32, 32), layers_per_block=1, mid_block_type=None,
-                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                   attention_head_dim=4, norm_num_groups=8, flip_sin_to_cos=False, freq_shift=1)
+UNET_ODD = dict(
+    sample_size=8,
+    block_out_channels=(24, 48, 48),
+    layers_per_block=3,
+    in_channels=9,
+    down_block_types=("CrossAttnDownBlock2D",) * 3,
+    up_block_types=("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=20,
+    attention_head_dim=(3, 6, 6),
+    norm_num_groups=6,
+    only_cross_attention=True,
+)
+UNET_NO_MID = dict(
+    sample_size=8,
+    block_out_channels=(32, 32),
+    layers_per_block=1,
+    mid_block_type=None,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=16,
+    attention_head_dim=4,
+    norm_num_groups=8,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+)
 # DeepFloyd IF's pooled text added to the time embedding (addition_embed_type "text": TextTimeEmbedding)
 UNET_TEXT_POOL = dict(ref.UNET_SD1, addition_embed_type="text", addition_embed_type_num_heads=4)
-VAE_BARE = dict(block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=4, latent_channels=16,
-                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+VAE_BARE = dict(
+    block_out_channels=(16, 32),
+    layers_per_block=2,
+    norm_num_groups=4,
+    latent_channels=16,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=False,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+)
 
 
 def assert_close(out, expected, tol=TOL):
@@ -42,15 +67,18 @@ def assert_close(out, expected, tol=TOL):
     assert err <= tol * scale, f"max abs error {err:.3g} > {tol} x scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("name,config,hw", [
-    ("sd1_conv_proj", ref.UNET_SD1, (16, 16)),
-    ("sd2_linear_proj_upcast", ref.UNET_SD2, (16, 24)),        # non-square
-    ("sdxl_text_time", ref.UNET_XL, (24, 16)),
-    ("odd_size_skips", ref.UNET_SD1, (10, 14)),                 # upsampling to odd skip shapes
-    ("only_cross_9ch", UNET_ODD, (16, 8)),
-    ("no_mid_block", UNET_NO_MID, (8, 16)),
-    ("text_pooling", UNET_TEXT_POOL, (8, 8)),
-])
+@pytest.mark.parametrize(
+    "name,config,hw",
+    [
+        ("sd1_conv_proj", ref.UNET_SD1, (16, 16)),
+        ("sd2_linear_proj_upcast", ref.UNET_SD2, (16, 24)),  # non-square
+        ("sdxl_text_time", ref.UNET_XL, (24, 16)),
+        ("odd_size_skips", ref.UNET_SD1, (10, 14)),  # upsampling to odd skip shapes
+        ("only_cross_9ch", UNET_ODD, (16, 8)),
+        ("no_mid_block", UNET_NO_MID, (8, 16)),
+        ("text_pooling", UNET_TEXT_POOL, (8, 8)),
+    ],
+)
 def test_unet_matches_diffusers(tmp_path, name, config, hw):
     model = ref.make_unet(config)
     model.save_pretrained(tmp_path)
@@ -71,8 +99,9 @@ def test_unet_matches_diffusers(tmp_path, name, config, hw):
     assert_close(ref.nchw(out), expected)
 
 
-@pytest.mark.parametrize("config,hw", [(ref.VAE_SMALL, (32, 48)), (ref.VAE_DEEP, (40, 32)),
-                                       (VAE_BARE, (24, 40))])
+@pytest.mark.parametrize(
+    "config,hw", [(ref.VAE_SMALL, (32, 48)), (ref.VAE_DEEP, (40, 32)), (VAE_BARE, (24, 40))]
+)
 def test_vae_matches_diffusers(tmp_path, config, hw):
     model = ref.make_vae(config)
     model.save_pretrained(tmp_path)
@@ -91,8 +120,11 @@ def test_vae_matches_diffusers(tmp_path, config, hw):
     assert_close(ref.nchw(dec), decoded)
 
 
-@pytest.mark.parametrize("config", [ref.TEXT_SD1, ref.TEXT_SD2, dict(ref.TEXT_SD1, eos_token_id=2)],
-                         ids=["sd1_quick_gelu", "sd2_gelu_projection", "legacy_eos_argmax"])
+@pytest.mark.parametrize(
+    "config",
+    [ref.TEXT_SD1, ref.TEXT_SD2, dict(ref.TEXT_SD1, eos_token_id=2)],
+    ids=["sd1_quick_gelu", "sd2_gelu_projection", "legacy_eos_argmax"],
+)
 def test_text_encoder_matches_transformers(tmp_path, config):
     model = ref.make_text_encoder(config)
     model.save_pretrained(tmp_path)
@@ -141,7 +173,9 @@ def test_bf16_inference_close_to_fp32(tmp_path):
     ctx = rng.standard_normal((2, 7, 32), np.float32)
     t = np.array([10.0, 700.0], np.float32)
     out32 = jax.jit(UNet(cfg).apply)({"params": p32}, x, t, ctx)
-    out16 = jax.jit(UNet(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16).apply)({"params": p16}, x, t, ctx)
+    out16 = jax.jit(UNet(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16).apply)(
+        {"params": p16}, x, t, ctx
+    )
     assert out16.dtype == jnp.bfloat16
     err = np.abs(np.asarray(out16, np.float32) - np.asarray(out32)).max()
     scale = np.abs(np.asarray(out32)).max()

@@ -1,5 +1,6 @@
 """Every sampler against the matching diffusers scheduler: same model outputs (a fake denoiser
 written in torch and in jax), same noise, the same latents after every model call (fp32)."""
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -7,16 +8,33 @@ import numpy as np
 import pytest
 import torch
 
-from jaxdiff import samplers as SM
-from jaxdiff import schedules as S
+from jaxdiff.diffusion import samplers as SM
+from jaxdiff.diffusion import schedules as S
 
-SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-          steps_offset=1, set_alpha_to_one=False, clip_sample=False, skip_prk_steps=True)
-V_ZSNR = dict(SD, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
-CLS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
-       "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
-       "dpm++2m": "DPMSolverMultistepScheduler", "dpm++2m_karras": "DPMSolverMultistepScheduler",
-       "pndm": "PNDMScheduler", "unipc": "UniPCMultistepScheduler"}
+SD = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    set_alpha_to_one=False,
+    clip_sample=False,
+    skip_prk_steps=True,
+)
+V_ZSNR = dict(
+    SD, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"
+)
+CLS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm++2m": "DPMSolverMultistepScheduler",
+    "dpm++2m_karras": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
 
 
 def fake_torch(x, t):
@@ -45,7 +63,7 @@ def run_both(sampler, cfg, n=20, strength=None, eta=0.0, shape=(2, 4, 8, 6), lea
     noise0 = rng.standard_normal(shape).astype(np.float32)
     if strength is not None:
         start = SM.img2img_start(n, strength)
-        ts = ts[start * sch.order:]
+        ts = ts[start * sch.order :]
         if hasattr(sch, "set_begin_index"):
             sch.set_begin_index(start * sch.order)
         x = sch.add_noise(torch.tensor(x0), torch.tensor(noise0), ts[:1])
@@ -53,7 +71,12 @@ def run_both(sampler, cfg, n=20, strength=None, eta=0.0, shape=(2, 4, 8, 6), lea
         x = torch.tensor(noise0) * sch.init_noise_sigma
     x_start = x.numpy().copy()
     ft = _learned(fake_torch, lambda l: torch.cat(l, 1), torch.tanh) if learned else fake_torch
-    gen, traj, noises, g2 = torch.Generator().manual_seed(1), [], [], torch.Generator().manual_seed(1)
+    gen, traj, noises, g2 = (
+        torch.Generator().manual_seed(1),
+        [],
+        [],
+        torch.Generator().manual_seed(1),
+    )
     stochastic = sampler in ("euler_a", "ddpm") or eta > 0
     for t in ts:
         out = ft(sch.scale_model_input(x, t), t)
@@ -62,8 +85,10 @@ def run_both(sampler, cfg, n=20, strength=None, eta=0.0, shape=(2, 4, 8, 6), lea
             kw["eta"] = eta
         x = sch.step(out, t, x, **kw).prev_sample
         traj.append(x.numpy().copy())
-        draws = stochastic and not (sampler == "ddpm" and int(t) == 0)     # DDPM draws no noise at t=0
-        noises.append(torch.randn(shape, generator=g2).numpy() if draws else np.zeros(shape, np.float32))
+        draws = stochastic and not (sampler == "ddpm" and int(t) == 0)  # DDPM draws no noise at t=0
+        noises.append(
+            torch.randn(shape, generator=g2).numpy() if draws else np.zeros(shape, np.float32)
+        )
 
     sched = S.resolve(dict(cfg, _class_name=cls), sampler)
     plan = SM.make_plan(sched, n, strength=strength, eta=eta)
@@ -81,7 +106,9 @@ def run_both(sampler, cfg, n=20, strength=None, eta=0.0, shape=(2, 4, 8, 6), lea
         np.testing.assert_allclose(mine, x_init, atol=2e-6 * np.abs(x_start).max())
     fj = _learned(fake_jax, lambda l: jnp.concatenate(l, -1), jnp.tanh) if learned else fake_jax
     nz = nhwc(np.stack(noises)) if stochastic else None
-    run = jax.jit(lambda x, a, z: SM.sample(fj, sched, a, x, stochastic=stochastic, noise=z, trajectory=True))
+    run = jax.jit(
+        lambda x, a, z: SM.sample(fj, sched, a, x, stochastic=stochastic, noise=z, trajectory=True)
+    )
     _, tr = run(x_init, plan.arrays, nz)
     tr = np.asarray(tr)
     return (np.moveaxis(tr, -1, -3) if img else tr), np.stack(traj)
@@ -92,24 +119,46 @@ def assert_trajectories_match(ours, ref, tol=1e-4):
     err = np.abs(ours - ref).max(axis=tuple(range(1, ours.ndim)))
     scale = np.abs(ref).max(axis=tuple(range(1, ref.ndim)))
     assert np.all(np.isfinite(ours))
-    assert (err <= tol * scale).all(), f"worst step {err.argmax()}: {err.max():.3g} vs scale {scale[err.argmax()]:.3g}"
+    assert (err <= tol * scale).all(), (
+        f"worst step {err.argmax()}: {err.max():.3g} vs scale {scale[err.argmax()]:.3g}"
+    )
 
 
 CASES = [
-    ("ddim", SD, {}), ("ddim", dict(SD, timestep_spacing="linspace", clip_sample=True), {}),
-    ("ddim", V_ZSNR, {}), ("ddim", dict(SD, prediction_type="sample", thresholding=True, sample_max_value=2.0), {}),
+    ("ddim", SD, {}),
+    ("ddim", dict(SD, timestep_spacing="linspace", clip_sample=True), {}),
+    ("ddim", V_ZSNR, {}),
+    ("ddim", dict(SD, prediction_type="sample", thresholding=True, sample_max_value=2.0), {}),
     ("ddim", SD, dict(eta=0.6)),
-    ("ddpm", SD, {}), ("ddpm", dict(SD, variance_type="fixed_large", prediction_type="v_prediction"), {}),
-    ("ddpm", dict(beta_schedule="squaredcos_cap_v2", variance_type="learned_range"), dict(learned=True)),
-    ("euler", SD, {}), ("euler", dict(SD, use_karras_sigmas=True), {}), ("euler", V_ZSNR, {}),
+    ("ddpm", SD, {}),
+    ("ddpm", dict(SD, variance_type="fixed_large", prediction_type="v_prediction"), {}),
+    (
+        "ddpm",
+        dict(beta_schedule="squaredcos_cap_v2", variance_type="learned_range"),
+        dict(learned=True),
+    ),
+    ("euler", SD, {}),
+    ("euler", dict(SD, use_karras_sigmas=True), {}),
+    ("euler", V_ZSNR, {}),
     ("euler", dict(SD, timestep_spacing="leading", final_sigmas_type="sigma_min"), {}),
-    ("euler_a", SD, {}), ("euler_a", dict(SD, prediction_type="v_prediction", timestep_spacing="trailing"), {}),
-    ("heun", SD, {}), ("heun", dict(SD, use_karras_sigmas=True, prediction_type="v_prediction"), {}),
-    ("dpm++2m", SD, {}), ("dpm++2m_karras", SD, {}), ("dpm++2m", V_ZSNR, {}),
+    ("euler_a", SD, {}),
+    ("euler_a", dict(SD, prediction_type="v_prediction", timestep_spacing="trailing"), {}),
+    ("heun", SD, {}),
+    ("heun", dict(SD, use_karras_sigmas=True, prediction_type="v_prediction"), {}),
+    ("dpm++2m", SD, {}),
+    ("dpm++2m_karras", SD, {}),
+    ("dpm++2m", V_ZSNR, {}),
     ("dpm++2m", dict(SD, solver_type="heun", timestep_spacing="leading", thresholding=True), {}),
-    ("dpm++2m", dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample", solver_order=1), {}),
-    ("pndm", SD, {}), ("pndm", dict(SD, prediction_type="v_prediction", timestep_spacing="trailing"), {}),
-    ("unipc", SD, {}), ("unipc", V_ZSNR, {}), ("unipc", dict(SD, solver_order=1, thresholding=True), {}),
+    (
+        "dpm++2m",
+        dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample", solver_order=1),
+        {},
+    ),
+    ("pndm", SD, {}),
+    ("pndm", dict(SD, prediction_type="v_prediction", timestep_spacing="trailing"), {}),
+    ("unipc", SD, {}),
+    ("unipc", V_ZSNR, {}),
+    ("unipc", dict(SD, solver_order=1, thresholding=True), {}),
     ("unipc", dict(SD, prediction_type="sample", timestep_spacing="leading"), dict(n=12)),
 ]
 
@@ -119,7 +168,9 @@ def test_sampler_matches_diffusers(sampler, cfg, kw):
     assert_trajectories_match(*run_both(sampler, cfg, **kw))
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "heun", "dpm++2m", "pndm", "unipc"])
+@pytest.mark.parametrize(
+    "sampler", ["ddim", "euler", "euler_a", "heun", "dpm++2m", "pndm", "unipc"]
+)
 @pytest.mark.parametrize("strength", [0.3, 0.75])
 def test_img2img_slice_matches_diffusers(sampler, strength):
     """SDEdit: noise to the strength's timestep, then the tail of the schedule (diffusers' get_timesteps)."""
@@ -147,8 +198,14 @@ def test_plan_errors():
 
 def test_swapped_sampler_takes_its_own_defaults():
     """An SD 1.5 config (PNDM, no timestep_spacing key) read as Euler gets Euler's linspace, like diffusers."""
-    raw = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-           "beta_schedule": "scaled_linear", "skip_prk_steps": True, "steps_offset": 1}
+    raw = {
+        "_class_name": "PNDMScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+    }
     assert S.resolve(raw).sampler == "pndm"
     eu = S.resolve(raw, "euler")
     assert eu.timestep_spacing == "linspace" and eu.steps_offset == 1
@@ -167,7 +224,7 @@ def test_stochastic_sampler_keys():
     a, b = run(x, keys), run(x, keys)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a[0], a[1])
-    c = run(x[:1], keys[1:])       # sample 1 alone equals sample 1 in the batch
+    c = run(x[:1], keys[1:])  # sample 1 alone equals sample 1 in the batch
     # Same noise bits; XLA may vectorise a batch of 1 and of 2 differently (last-bit float differences
     # were seen on CI's CPU), so equal to float32 rounding, not bit for bit.
     np.testing.assert_allclose(c[0], a[1], rtol=1e-5, atol=1e-5)

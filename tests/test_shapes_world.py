@@ -1,4 +1,5 @@
 """The shapes world (../shared/shapes_world.md): sampling, captions, parser, renderer, TFDS build, CLI."""
+
 import hashlib
 import math
 import sys
@@ -9,8 +10,16 @@ import pytest
 
 from jaxdiff.data import shapes_world as sw
 
-HELDOUT = {("red", "star"), ("orange", "circle"), ("yellow", "cross"), ("green", "diamond"),
-           ("cyan", "triangle"), ("blue", "square"), ("purple", "cross"), ("pink", "triangle")}
+HELDOUT = {
+    ("red", "star"),
+    ("orange", "circle"),
+    ("yellow", "cross"),
+    ("green", "diamond"),
+    ("cyan", "triangle"),
+    ("blue", "square"),
+    ("purple", "cross"),
+    ("pink", "triangle"),
+}
 
 
 def _digest(resolution):
@@ -43,24 +52,24 @@ def _scenes(split, n=3000):
 def test_split_rules_and_scene_constraints(split):
     scenes = _scenes(split)
     kinds = {k: sum(s.kind == k for s in scenes) / len(scenes) for k in sw.KINDS}
-    assert all(0.22 < f < 0.28 for f in kinds.values()), kinds          # equal probability
+    assert all(0.22 < f < 0.28 for f in kinds.values()), kinds  # equal probability
     for s in scenes:
         pairs = [(o.colour, o.shape) for o in s.objects]
         if split == "heldout":
             assert any(p in HELDOUT for p in pairs), s
         else:
             assert not any(p in HELDOUT for p in pairs), s
-        assert len({o.cell for o in s.objects}) == len(s.objects)        # distinct cells
+        assert len({o.cell for o in s.objects}) == len(s.objects)  # distinct cells
         for o in s.objects:
             row, col = divmod(o.cell, 3)
             assert abs(o.centre[0] - (0.2, 0.5, 0.8)[col]) <= 0.02
             assert abs(o.centre[1] - (0.2, 0.5, 0.8)[row]) <= 0.02
             assert abs(o.extent / {"small": 0.18, "large": 0.30}[o.size] - 1) <= 0.05
-            assert o.extent / 2 < min(o.centre) and max(o.centre) + o.extent / 2 < 1   # never cut
+            assert o.extent / 2 < min(o.centre) and max(o.centre) + o.extent / 2 < 1  # never cut
         if len(s.objects) > 1:
             assert all(o.size == "small" for o in s.objects)
-            for i, a in enumerate(s.objects):                              # gap >= 0.07 S
-                for b in s.objects[i + 1:]:
+            for i, a in enumerate(s.objects):  # gap >= 0.07 S
+                for b in s.objects[i + 1 :]:
                     apart = max(abs(a.centre[0] - b.centre[0]), abs(a.centre[1] - b.centre[1]))
                     gap = apart - (a.extent + b.extent) / 2
                     assert gap >= 0.0699, s
@@ -68,8 +77,12 @@ def test_split_rules_and_scene_constraints(split):
             a, b = s.objects
             assert (a.colour, a.shape) != (b.colour, b.shape)
             (ra, ca), (rb, cb) = divmod(a.cell, 3), divmod(b.cell, 3)
-            holds = {"to the left of": ca < cb, "to the right of": ca > cb,
-                     "above": ra < rb, "below": ra > rb}
+            holds = {
+                "to the left of": ca < cb,
+                "to the right of": ca > cb,
+                "above": ra < rb,
+                "below": ra > rb,
+            }
             assert holds[s.relation]
         if s.kind == "count":
             assert len(s.objects) in (2, 3) and len({(o.colour, o.shape) for o in s.objects}) == 1
@@ -79,8 +92,11 @@ def test_split_rules_and_scene_constraints(split):
 
 def test_relation_cells_are_uniform_over_valid_pairs():
     # "A left of B": 3 column pairs x 9 row pairs = 27 equally likely (cell A, cell B).
-    cells = [s.objects[0].cell * 9 + s.objects[1].cell for s in _scenes("train", 12000)
-             if s.relation == "to the left of"]
+    cells = [
+        s.objects[0].cell * 9 + s.objects[1].cell
+        for s in _scenes("train", 12000)
+        if s.relation == "to the left of"
+    ]
     counts = np.bincount(cells, minlength=81)
     assert np.count_nonzero(counts) == 27
     assert counts[counts > 0].min() > 0.5 * len(cells) / 27
@@ -105,17 +121,20 @@ def test_captions_follow_the_grammar_and_parse_back():
             assert (p.objects[1].colour, p.objects[1].shape) == (b.colour, b.shape)
         if s.kind == "count":
             assert p.count == len(s.objects)
-    for k, v in named.items():                                            # each named with p = 1/2
+    for k, v in named.items():  # each named with p = 1/2
         assert 0.46 < np.mean(v) < 0.54, k
     caps = {s.caption for s in scenes}
     assert any(c.startswith("an orange ") for c in caps) and any(" crosses" in c for c in caps)
-    assert not any(c.startswith("a orange") or " a orange" in c or c.startswith("an red") for c in caps)
+    assert not any(
+        c.startswith("a orange") or " a orange" in c or c.startswith("an red") for c in caps
+    )
 
 
 def test_canonical_relation_layouts_keep_the_caption_and_use_the_outer_rows_or_columns():
     # canonical=True (a training-data option): "A above B" puts A in row 0 and B in row 2, "A to the left
     # of B" A in column 0 and B in column 2 (the other axis free); captions and other kinds are unchanged
     from jaxdiff.eval import fidelity
+
     rng = np.random.default_rng(0)
     seen = set()
     for i in range(200):
@@ -126,19 +145,20 @@ def test_canonical_relation_layouts_keep_the_caption_and_use_the_outer_rows_or_c
             continue
         again = sw.scene_for_caption(spec.caption, rng, canonical=True)
         for scene in (canon, again):
-            a, b = (divmod(o.cell, 3) for o in scene.objects)            # (row, column)
+            a, b = (divmod(o.cell, 3) for o in scene.objects)  # (row, column)
             axis = 0 if scene.relation in ("above", "below") else 1
             want = (0, 2) if scene.relation in ("above", "to the left of") else (2, 0)
             assert (a[axis], b[axis]) == want, (scene.caption, a, b)
             seen.add((scene.relation, a[1 - axis]))
         assert fidelity.score(sw.render(canon, 64), canon.caption)["correct"]
-    assert len(seen) == 12                                                     # 4 relations x 3 free rows / columns
+    assert len(seen) == 12  # 4 relations x 3 free rows / columns
 
 
 def test_shared_relation_pairs_share_a_colour_or_a_shape_and_leave_other_scenes_alone():
     # shared=F (a training-data option): that fraction of relation scenes redraws B to share A's colour or
     # shape; shared=0 is the spec's sampling; other kinds and A are unchanged
     from jaxdiff.eval import fidelity
+
     n_shared = n_relation = 0
     for split in ("train", "heldout"):
         for i in range(150):
@@ -165,8 +185,9 @@ def test_shared_relation_pairs_share_a_colour_or_a_shape_and_leave_other_scenes_
 
 def test_scene_for_caption_keeps_what_the_caption_names_and_redraws_the_rest():
     from jaxdiff.eval import fidelity
+
     rng = np.random.default_rng(0)
-    for i in range(120):                           # every kind; each new scene satisfies the caption
+    for i in range(120):  # every kind; each new scene satisfies the caption
         scene = sw.sample_scene("train", i)
         other = sw.scene_for_caption(scene.caption, rng)
         assert other.caption == scene.caption and other.kind == scene.kind
@@ -176,73 +197,98 @@ def test_scene_for_caption_keeps_what_the_caption_names_and_redraws_the_rest():
             assert other.background == want.background
         for o in want.objects if want.kind != "count" else ():
             match = [x for x in other.objects if (x.colour, x.shape) == (o.colour, o.shape)]
-            assert match and all(getattr(match[0], k) == getattr(o, k) for k in ("size", "cell")
-                                 if getattr(o, k) is not None)
+            assert match and all(
+                getattr(match[0], k) == getattr(o, k)
+                for k in ("size", "cell")
+                if getattr(o, k) is not None
+            )
     # what the caption leaves open is drawn afresh: cells of a relation, cell / size / background of a bare object
     rel = [sw.scene_for_caption("a red circle above a blue square", rng) for _ in range(40)]
     assert len({tuple(o.cell for o in s.objects) for s in rel}) >= 10
     assert all(s.objects[0].centre[1] < s.objects[1].centre[1] for s in rel)
     bare = [sw.scene_for_caption("a green star", rng) for _ in range(40)]
-    assert {s.objects[0].size for s in bare} == set(sw.SIZES) and len({s.background for s in bare}) == 3
+    assert {s.objects[0].size for s in bare} == set(sw.SIZES) and len(
+        {s.background for s in bare}
+    ) == 3
     assert len({s.objects[0].cell for s in bare}) >= 6
     assert {len(sw.scene_for_caption("three pink crosses", rng).objects) for _ in range(3)} == {3}
     with pytest.raises(ValueError, match="outside the shapes-world grammar"):
         sw.scene_for_caption("A red circle", rng)
 
-@pytest.mark.parametrize("text, expected", [
-    ("an orange circle", ("single", "orange", "circle", None, None)),
-    ("a large orange circle", ("single", "orange", "circle", "large", None)),
-    ("a small red star in the top left", ("single", "red", "star", "small", 0)),
-    ("a pink cross at the bottom", ("single", "pink", "cross", None, 7)),
-    ("a blue star above an orange cross", ("relation", "blue", "star", None, None)),
-    ("two orange crosses", ("count", "orange", "cross", None, None)),
-    ("a green diamond on the right on a white background", ("background", "green", "diamond", None, 5)),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("an orange circle", ("single", "orange", "circle", None, None)),
+        ("a large orange circle", ("single", "orange", "circle", "large", None)),
+        ("a small red star in the top left", ("single", "red", "star", "small", 0)),
+        ("a pink cross at the bottom", ("single", "pink", "cross", None, 7)),
+        ("a blue star above an orange cross", ("relation", "blue", "star", None, None)),
+        ("two orange crosses", ("count", "orange", "cross", None, None)),
+        (
+            "a green diamond on the right on a white background",
+            ("background", "green", "diamond", None, 5),
+        ),
+    ],
+)
 def test_parse_examples(text, expected):
     p = sw.parse_caption(text)
     o = p.objects[0]
     assert (p.kind, o.colour, o.shape, o.size, o.cell) == expected
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("a orange circle", "'an' before 'orange'"),
-    ("an red circle", "'a' before 'red'"),
-    ("a red blob", "a shape"),
-    ("four red circles", "'a', 'an', 'two' or 'three'"),
-    ("two red circle", "a plural shape"),
-    ("a large red circle above a blue square", "no SIZE in a relation caption"),
-    ("a red circle on the moon", "a position, relation or background phrase"),
-    ("a red circle in the center extra", "the end of the caption"),
-    ("A red circle", "lower case"),
-    ("a red circle.", "full stop"),
-    ("", "non-empty"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("a orange circle", "'an' before 'orange'"),
+        ("an red circle", "'a' before 'red'"),
+        ("a red blob", "a shape"),
+        ("four red circles", "'a', 'an', 'two' or 'three'"),
+        ("two red circle", "a plural shape"),
+        ("a large red circle above a blue square", "no SIZE in a relation caption"),
+        ("a red circle on the moon", "a position, relation or background phrase"),
+        ("a red circle in the center extra", "the end of the caption"),
+        ("A red circle", "lower case"),
+        ("a red circle.", "full stop"),
+        ("", "non-empty"),
+    ],
+)
 def test_parser_rejects_text_outside_the_grammar(text, fragment):
     with pytest.raises(ValueError) as e:
         sw.parse_caption(text)
     assert repr(text.strip()) in str(e.value) and fragment in str(e.value)
 
 
-AREA = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5,
-        "star": 5 * 0.5 * 0.2 * math.sin(math.radians(36)), "cross": 5 / 9}   # x e^2, from the spec
+AREA = {
+    "circle": math.pi / 4,
+    "square": 1.0,
+    "triangle": 0.5,
+    "diamond": 0.5,
+    "star": 5 * 0.5 * 0.2 * math.sin(math.radians(36)),
+    "cross": 5 / 9,
+}  # x e^2, from the spec
 
 
 @pytest.mark.parametrize("shape", sw.SHAPES)
 def test_render_geometry(shape):
     s, e = 128, 0.3
-    c = 64.5 / s                       # centre on a pixel centre
+    c = 64.5 / s  # centre on a pixel centre
     scene = sw.Scene("single", "black", (sw.Object("blue", shape, "large", 4, (c, c), e),), "")
     col = np.array(sw.COLOURS["blue"], np.float64)
     fine = sw.render(scene, s, ss=16).astype(np.float64)  # 1/16 px sampling: area within 0.5 %
     assert abs((fine @ col / (col @ col)).sum() / (AREA[shape] * (e * s) ** 2) - 1) < 0.005
     img = sw.render(scene, s).astype(np.float64)
 
-    def at(dx, dy):                    # pixel value at an offset from the centre, in units of e
+    def at(dx, dy):  # pixel value at an offset from the centre, in units of e
         return img[64 + int(round(dy * e * s)), 64 + int(round(dx * e * s))]
+
     inside, outside = {
         "circle": ([(0.45, 0), (0, -0.45)], [(0.4, 0.4), (-0.4, -0.4)]),
         "square": ([(0.45, 0.45), (-0.45, -0.45)], [(0.55, 0)]),
-        "triangle": ([(0.45, 0.45), (-0.45, 0.45), (0, -0.3)], [(0.4, -0.4), (-0.4, -0.4), (0, 0.56)]),
+        "triangle": (
+            [(0.45, 0.45), (-0.45, 0.45), (0, -0.3)],
+            [(0.4, -0.4), (-0.4, -0.4), (0, 0.56)],
+        ),
         "diamond": ([(0.45, 0), (0, 0.45)], [(0.3, 0.3), (-0.3, -0.3)]),
         "star": ([(0, -0.4), (0, 0)], [(0, 0.4), (0.4, 0.4), (-0.4, 0.4)]),
         "cross": ([(0.45, 0), (0, -0.45), (0.1, 0.1)], [(0.3, 0.3), (-0.3, 0.3), (0.4, -0.4)]),
@@ -279,15 +325,31 @@ def test_tfds_build_matches_direct_generation(tmp_path):
         for i in range(n):
             rec, ref = source[split][i], sw.example(split, i, 3, 32)
             assert rec["index"] == i and rec["caption"].decode() == ref["caption"]
-            assert rec["image"].dtype == np.uint8 and rec["image"].tobytes() == ref["image"].tobytes()
-            for k in ("kind", "background", "relation", "num_objects", "colour", "shape", "size", "cell",
-                      "centre", "extent"):
+            assert (
+                rec["image"].dtype == np.uint8 and rec["image"].tobytes() == ref["image"].tobytes()
+            )
+            for k in (
+                "kind",
+                "background",
+                "relation",
+                "num_objects",
+                "colour",
+                "shape",
+                "size",
+                "cell",
+                "centre",
+                "extent",
+            ):
                 assert np.array_equal(np.asarray(rec[k]), ref[k]), (split, i, k)
             n_obj = rec["num_objects"]
-            pairs = {(list(sw.COLOURS)[c], sw.SHAPES[s])
-                     for c, s in zip(rec["colour"][:n_obj], rec["shape"][:n_obj])}
+            pairs = {
+                (list(sw.COLOURS)[c], sw.SHAPES[s])
+                for c, s in zip(rec["colour"][:n_obj], rec["shape"][:n_obj])
+            }
             assert bool(pairs & HELDOUT) == (split == "heldout")
-    assert shapes_tfds.prepare(tmp_path, 32, sizes, seed=3).info.splits["train"].num_examples == 24  # reused
+    assert (
+        shapes_tfds.prepare(tmp_path, 32, sizes, seed=3).info.splits["train"].num_examples == 24
+    )  # reused
     with pytest.raises(FileExistsError, match="seed 3"):
         shapes_tfds.prepare(tmp_path, 32, {**sizes, "train": 25}, seed=3)
     with pytest.raises(ValueError, match="unknown splits"):
@@ -300,19 +362,59 @@ def test_data_cli(tmp_path, capsys):
     from jaxdiff.data import cli
 
     d = str(tmp_path / "tfds")
-    cli.main(["build", "shapes_world", "--resolution", "32", "--train", "6", "--validation", "2",
-              "--heldout", "3", "--data-dir", d])
+    cli.main(
+        [
+            "build",
+            "shapes_world",
+            "--resolution",
+            "32",
+            "--train",
+            "6",
+            "--validation",
+            "2",
+            "--heldout",
+            "3",
+            "--data-dir",
+            d,
+        ]
+    )
     assert "train 6, validation 2, heldout 3 examples" in capsys.readouterr().out
-    cli.main(["show", "shapes_world", "--resolution", "32", "--data-dir", d, "--split", "heldout",
-              "--index", "2", "--png", str(tmp_path / "x.png")])
+    cli.main(
+        [
+            "show",
+            "shapes_world",
+            "--resolution",
+            "32",
+            "--data-dir",
+            d,
+            "--split",
+            "heldout",
+            "--index",
+            "2",
+            "--png",
+            str(tmp_path / "x.png"),
+        ]
+    )
     out = capsys.readouterr().out
     ref = sw.example("heldout", 2, 0, 32)
     assert repr(ref["caption"]) in out
     with Image.open(tmp_path / "x.png") as im:
         assert im.text["prompt"] == ref["caption"] and np.array_equal(np.asarray(im), ref["image"])
     with pytest.raises(SystemExit, match="index 3 out of range"):
-        cli.main(["show", "shapes_world", "--resolution", "32", "--data-dir", d, "--split", "heldout",
-                  "--index", "3"])
+        cli.main(
+            [
+                "show",
+                "shapes_world",
+                "--resolution",
+                "32",
+                "--data-dir",
+                d,
+                "--split",
+                "heldout",
+                "--index",
+                "3",
+            ]
+        )
     with pytest.raises(SystemExit, match="no shapes_world build at 64 px"):
         cli.main(["show", "shapes_world", "--data-dir", d])
     with pytest.raises(SystemExit, match=r"--overwrite"):
@@ -333,5 +435,6 @@ def test_data_cli_routes_folder(monkeypatch):
     fake.main = lambda argv: seen.append(argv) or 0
     monkeypatch.setitem(sys.modules, "jaxdiff.data.folder", fake)
     import jaxdiff.data
+
     monkeypatch.setattr(jaxdiff.data, "folder", fake, raising=False)
     assert cli.main(["folder", "scan", "DIR"]) == 0 and seen == [["scan", "DIR"]]

@@ -1,19 +1,23 @@
 """Sharding declared once: every logical name is covered by every rule set; UNet params shard."""
-import numpy as np
-import pytest
 
 import jax
+import numpy as np
+import pytest
 from flax import linen as nn
 
 from jaxdiff import sharding as sh
-from jaxdiff import text, unet, vae
 from jaxdiff.convert import diffusers as dconv
+from jaxdiff.models import text, unet, vae
 
 
 def _all_names():
     names = set()
-    for kind, cfg in (("unet", unet.PRESETS["tiny"]), ("unet", unet.PRESETS["sdxl"]),
-                      ("vae", vae.PRESETS["tiny"]), ("text_encoder", text.PRESETS["sdxl"])):
+    for kind, cfg in (
+        ("unet", unet.PRESETS["tiny"]),
+        ("unet", unet.PRESETS["sdxl"]),
+        ("vae", vae.PRESETS["tiny"]),
+        ("text_encoder", text.PRESETS["sdxl"]),
+    ):
         names |= sh.logical_names_used(dconv.abstract_params(kind, cfg))
     return names
 

@@ -1,4 +1,5 @@
 """CLIP BPE with the real OpenAI vocabulary (from the open-clip-torch wheel)."""
+
 import warnings
 
 import numpy as np

@@ -1,5 +1,6 @@
 """The training engine on 8 CPU devices: sharded init and step, checkpoints across meshes, exact
 resume after SIGKILL, SIGTERM, the non-finite guard, frozen params, accumulation, EMA, overfitting."""
+
 import dataclasses
 import json
 import os
@@ -19,15 +20,20 @@ from jaxdiff.train import loop
 from jaxdiff.train.optim import OptimConfig
 from jaxdiff.train.step import Task, init_state, make_train_step
 
-
 # --- a toy task: linear regression with logical axis names, exact to reason about ------------------
+
 
 class Linear(nn.Module):
     @nn.compact
     def __call__(self, x):
-        w = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(1.0), (sh.EMBED, sh.MLP)),
-                       (x.shape[-1], 16))
-        b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (sh.MLP,)), (16,))
+        w = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), (sh.EMBED, sh.MLP)),
+            (x.shape[-1], 16),
+        )
+        b = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, (sh.MLP,)), (16,)
+        )
         return x @ w + b
 
 
@@ -52,7 +58,11 @@ class ListIterator:
     def __next__(self):
         rng = np.random.default_rng([self.seed, self.i])
         x = rng.standard_normal((self.batch, 8)).astype(np.float32)
-        out = {"x": x, "y": np.tanh(x @ np.ones((8, 16), np.float32) / 3), "step": np.full((self.batch,), self.i)}
+        out = {
+            "x": x,
+            "y": np.tanh(x @ np.ones((8, 16), np.float32) / 3),
+            "step": np.full((self.batch,), self.i),
+        }
         self.i += 1
         return out
 
@@ -63,20 +73,24 @@ class ListIterator:
         self.i = s["i"]
 
 
-def _run(mesh, rules, steps, optim=OptimConfig(learning_rate=0.05, total_steps=50), task=None, batch=8):
+def _run(mesh, rules, steps, optim=None, task=None, batch=8):
     task = task or toy_task()
+    optim = optim or OptimConfig(learning_rate=0.05, total_steps=50)
     state, shardings, tx = init_state(task, optim, mesh, rules, seed=0)
     it = ListIterator(batch)
     step = None
     for _ in range(steps):
         b = jax.device_put({k: v for k, v in next(it).items()}, sh_batch(mesh, rules))
-        step = step or make_train_step(task, tx, optim, shardings, None, jax.tree.map(lambda x: x.sharding, b))
+        step = step or make_train_step(
+            task, tx, optim, shardings, None, jax.tree.map(lambda x: x.sharding, b)
+        )
         state, metrics = step(state, None, b)
     return state, metrics
 
 
 def sh_batch(mesh, rules):
     from jaxdiff.data.pipeline import batch_sharding
+
     return batch_sharding(mesh, rules)
 
 
@@ -87,12 +101,15 @@ def one_device_mesh():
 def test_step_on_data2_fsdp4_equals_one_device():
     many, _ = _run(sh.make_mesh((2, 4, 1)), sh.FSDP_RULES, 3)
     one, _ = _run(one_device_mesh(), sh.FSDP_RULES, 3)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
-                 many.params, one.params)
-    kernel = many.params["kernel"]                                  # [8, 16]: EMBED -> fsdp
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+        many.params,
+        one.params,
+    )
+    kernel = many.params["kernel"]  # [8, 16]: EMBED -> fsdp
     assert kernel.sharding.spec[0] == "fsdp"
-    assert kernel.addressable_shards[0].data.shape == (2, 16)       # really split 4 ways
-    mu = many.opt_state[1][0].mu["kernel"]                           # Adam's moment shards like its param
+    assert kernel.addressable_shards[0].data.shape == (2, 16)  # really split 4 ways
+    mu = many.opt_state[1][0].mu["kernel"]  # Adam's moment shards like its param
     assert mu.sharding.spec == kernel.sharding.spec
 
 
@@ -120,47 +137,71 @@ def test_frozen_params_and_ema():
 def test_ema_warmup():
     """The EMA's decay ramps as (1 + t) / (10 + t) up to ema_decay, so a short run's EMA forgets the init."""
     from jaxdiff.train.optim import ema_decay_at
+
     cfg = OptimConfig(ema_decay=0.999)
-    np.testing.assert_allclose([float(ema_decay_at(cfg, t)) for t in (0, 10, 990, 20000)], [0.1, 11 / 20, 0.991, 0.999],
-                               rtol=1e-6)
-    assert float(ema_decay_at(OptimConfig(ema_decay=0.999, ema_warmup=False), 0)) == np.float32(0.999)
+    np.testing.assert_allclose(
+        [float(ema_decay_at(cfg, t)) for t in (0, 10, 990, 20000)],
+        [0.1, 11 / 20, 0.991, 0.999],
+        rtol=1e-6,
+    )
+    assert float(ema_decay_at(OptimConfig(ema_decay=0.999, ema_warmup=False), 0)) == np.float32(
+        0.999
+    )
     # after the first update the warm EMA holds 0.9 of the params (it would hold 0.001 without warm-up)
     optim = OptimConfig(learning_rate=0.05, total_steps=50, ema_decay=0.999)
     init, _, _ = init_state(toy_task(), optim, one_device_mesh(), sh.DATA_PARALLEL, seed=0)
     state, _ = _run(one_device_mesh(), sh.DATA_PARALLEL, 1, optim=optim)
-    np.testing.assert_allclose(state.ema["kernel"], 0.1 * init.params["kernel"] + 0.9 * state.params["kernel"],
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        state.ema["kernel"],
+        0.1 * init.params["kernel"] + 0.9 * state.params["kernel"],
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def test_accumulation_equals_the_big_batch():
     """2 micro-batches of 8 with accumulate=2 = one batch of 16 (the toy loss is a batch mean)."""
-    small, _ = _run(one_device_mesh(), sh.DATA_PARALLEL, 2, optim=OptimConfig(learning_rate=0.05, accumulate=2))
+    small, _ = _run(
+        one_device_mesh(), sh.DATA_PARALLEL, 2, optim=OptimConfig(learning_rate=0.05, accumulate=2)
+    )
 
     class Pairs(ListIterator):
         def __next__(self):
             a, b = ListIterator.__next__(self), ListIterator.__next__(self)
             return {k: np.concatenate([a[k], b[k]]) for k in a}
+
     task = toy_task()
     optim = OptimConfig(learning_rate=0.05)
     mesh = one_device_mesh()
     state, shardings, tx = init_state(task, optim, mesh, sh.DATA_PARALLEL, seed=0)
     b = jax.device_put(next(Pairs()), sh_batch(mesh, sh.DATA_PARALLEL))
-    big, _ = make_train_step(task, tx, optim, shardings, None, jax.tree.map(lambda x: x.sharding, b))(state, None, b)
+    big, _ = make_train_step(
+        task, tx, optim, shardings, None, jax.tree.map(lambda x: x.sharding, b)
+    )(state, None, b)
     np.testing.assert_allclose(small.params["kernel"], big.params["kernel"], rtol=1e-5, atol=1e-6)
 
 
 def _loop(workdir, mesh, steps, on_step=None, every=5, fingerprint=None, overwrite=False):
     it = ListIterator()
     rules = sh.FSDP_RULES
-    return loop.train(toy_task(), OptimConfig(learning_rate=0.05, total_steps=50),
-                      loop.LoopConfig(steps=steps, log_every=100, checkpoint_every=every), mesh, rules, workdir, it,
-                      lambda b: jax.device_put(b, sh_batch(mesh, rules)), fingerprint=fingerprint or {"run": 1},
-                      overwrite=overwrite, on_step=on_step)
+    return loop.train(
+        toy_task(),
+        OptimConfig(learning_rate=0.05, total_steps=50),
+        loop.LoopConfig(steps=steps, log_every=100, checkpoint_every=every),
+        mesh,
+        rules,
+        workdir,
+        it,
+        lambda b: jax.device_put(b, sh_batch(mesh, rules)),
+        fingerprint=fingerprint or {"run": 1},
+        overwrite=overwrite,
+        on_step=on_step,
+    )
 
 
 def test_checkpoint_restores_on_another_mesh(tmp_path):
     a = _loop(tmp_path, sh.make_mesh((2, 4, 1)), 5)
-    b = _loop(tmp_path, one_device_mesh(), 5)                     # already at step 5: restore only
+    b = _loop(tmp_path, one_device_mesh(), 5)  # already at step 5: restore only
     assert int(b.step) == 5
     np.testing.assert_array_equal(np.asarray(a.params["kernel"]), np.asarray(b.params["kernel"]))
     assert b.params["kernel"].sharding.mesh.size == 1
@@ -192,8 +233,12 @@ CHILD = textwrap.dedent("""
 
 def _child(workdir, kill_at, sig):
     code = CHILD.format(tests=os.path.dirname(__file__))
-    return subprocess.run([sys.executable, "-c", code, str(workdir), str(kill_at), sig], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, str(workdir), str(kill_at), sig],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
@@ -206,7 +251,9 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     # the step-10 save may still have been in flight (async) when the kill came: then step 5 is the
     # newest complete checkpoint, and orbax discards the unfinished one
     assert "resumed from step 10" in resumed.stdout or "resumed from step 5" in resumed.stdout
-    np.testing.assert_array_equal(np.load(tmp_path / "a" / "final.npy"), np.load(tmp_path / "b" / "final.npy"))
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "a" / "final.npy"), np.load(tmp_path / "b" / "final.npy")
+    )
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
@@ -222,27 +269,54 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 def test_tiny_ldm_overfits_one_batch():
     """Wiring check: a tiny LDM UNet on one fixed batch drives its loss down by an order of magnitude."""
-    from jaxdiff import text as T, unet as U, vae as V
+    from jaxdiff.models import text as T
+    from jaxdiff.models import unet as U
+    from jaxdiff.models import vae as V
     from jaxdiff.train import tasks
+
     tcfg = dataclasses.replace(T.PRESETS["tiny"], vocab_size=49408)
-    mk = lambda m, cfg, seed: nn.unbox(m.init(jax.random.key(seed), *(  # noqa: E731
-        __import__("jaxdiff.convert.diffusers", fromlist=["x"]).COMPONENTS[cfg[0]].dummy_inputs(cfg[1])))["params"])
-    frozen = {"vae": mk(V.AutoencoderKL(V.PRESETS["tiny"]), ("vae", V.PRESETS["tiny"]), 1),
-              "text_encoder": mk(T.TextTransformer(tcfg), ("text_encoder", tcfg), 2)}
+    mk = lambda m, cfg, seed: nn.unbox(
+        m.init(
+            jax.random.key(seed),
+            *(  # noqa: E731
+                __import__("jaxdiff.convert.diffusers", fromlist=["x"])
+                .COMPONENTS[cfg[0]]
+                .dummy_inputs(cfg[1])
+            ),
+        )["params"]
+    )
+    frozen = {
+        "vae": mk(V.AutoencoderKL(V.PRESETS["tiny"]), ("vae", V.PRESETS["tiny"]), 1),
+        "text_encoder": mk(T.TextTransformer(tcfg), ("text_encoder", tcfg), 2),
+    }
     ids = np.full((77,), 49407, np.int32)
     ids[0] = 49406
-    task = tasks.ldm_task(tasks.LDMConfig(cond_dropout=0.0, beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
-                          U.PRESETS["tiny"], V.PRESETS["tiny"], tcfg, frozen, ids)
+    task = tasks.ldm_task(
+        tasks.LDMConfig(cond_dropout=0.0, beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+        U.PRESETS["tiny"],
+        V.PRESETS["tiny"],
+        tcfg,
+        frozen,
+        ids,
+    )
     optim = OptimConfig(learning_rate=3e-3, total_steps=260, warmup_steps=10, weight_decay=0.0)
     mesh = one_device_mesh()
     state, shardings, tx = init_state(task, optim, mesh, sh.DATA_PARALLEL, seed=0)
     rng = np.random.default_rng(0)
-    batch = {"image": np.clip(rng.standard_normal((4, 16, 16, 3)), -1, 1).astype(np.float32),
-             "tokens": np.tile(ids, (4, 1))}
+    batch = {
+        "image": np.clip(rng.standard_normal((4, 16, 16, 3)), -1, 1).astype(np.float32),
+        "tokens": np.tile(ids, (4, 1)),
+    }
     b = jax.device_put(batch, sh_batch(mesh, sh.DATA_PARALLEL))
     frozen_d = jax.device_put(task.frozen)
-    step = make_train_step(task, tx, optim, shardings, jax.tree.map(lambda x: x.sharding, frozen_d),
-                           jax.tree.map(lambda x: x.sharding, b))
+    step = make_train_step(
+        task,
+        tx,
+        optim,
+        shardings,
+        jax.tree.map(lambda x: x.sharding, frozen_d),
+        jax.tree.map(lambda x: x.sharding, b),
+    )
     losses = []
     for _ in range(260):
         state, m = step(state, frozen_d, b)
@@ -253,103 +327,148 @@ def test_tiny_ldm_overfits_one_batch():
 
 def test_stable_target_x0_is_the_posterior_weighted_mean_of_same_prompt_latents():
     from jaxdiff.train.tasks import stable_target_x0
+
     rng = np.random.default_rng(0)
     z0 = rng.standard_normal((6, 4, 4, 2)).astype(np.float32)
     eps = rng.standard_normal(z0.shape).astype(np.float32)
     ab = np.array([0.0, 0.02, 0.3, 0.5, 0.9, 0.999], np.float32)
     x = np.sqrt(ab)[:, None, None, None] * z0 + np.sqrt(1 - ab)[:, None, None, None] * eps
     same = np.zeros((6, 6), bool)
-    same[:3, :3] = same[3:, 3:] = True                            # two prompts, three renders each
-    got, self_w = stable_target_x0(jnp.asarray(z0), jnp.asarray(x), jnp.asarray(ab), jnp.asarray(same))
-    for i in range(6):                                            # brute force, in float64
+    same[:3, :3] = same[3:, 3:] = True  # two prompts, three renders each
+    got, self_w = stable_target_x0(
+        jnp.asarray(z0), jnp.asarray(x), jnp.asarray(ab), jnp.asarray(same)
+    )
+    for i in range(6):  # brute force, in float64
         refs = [j for j in range(6) if same[i, j]]
-        logp = np.array([-np.sum((x[i].astype(np.float64) - np.sqrt(ab[i]) * z0[j]) ** 2) / (2 * (1 - ab[i]))
-                         for j in refs])
+        logp = np.array(
+            [
+                -np.sum((x[i].astype(np.float64) - np.sqrt(ab[i]) * z0[j]) ** 2) / (2 * (1 - ab[i]))
+                for j in refs
+            ]
+        )
         w = np.exp(logp - logp.max())
         w /= w.sum()
         np.testing.assert_allclose(got[i], np.tensordot(w, z0[refs], 1), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(self_w[i], w[refs.index(i)], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(got[0], z0[:3].mean(0), rtol=1e-5, atol=1e-6)   # pure noise: the plain mean
-    np.testing.assert_allclose(got[5], z0[5], atol=1e-4)                          # nearly clean: its own
-    alone, w1 = stable_target_x0(jnp.asarray(z0), jnp.asarray(x), jnp.asarray(ab), jnp.zeros((6, 6), bool))
-    np.testing.assert_array_equal(alone, z0)                     # no other reference: the usual target
+    np.testing.assert_allclose(
+        got[0], z0[:3].mean(0), rtol=1e-5, atol=1e-6
+    )  # pure noise: the plain mean
+    np.testing.assert_allclose(got[5], z0[5], atol=1e-4)  # nearly clean: its own
+    alone, w1 = stable_target_x0(
+        jnp.asarray(z0), jnp.asarray(x), jnp.asarray(ab), jnp.zeros((6, 6), bool)
+    )
+    np.testing.assert_array_equal(alone, z0)  # no other reference: the usual target
     np.testing.assert_array_equal(w1, np.ones(6))
 
 
 def test_stable_target_changes_the_loss_only_where_prompts_repeat():
-    from jaxdiff import unet as U, vae as V
+    from jaxdiff.models import unet as U
+    from jaxdiff.models import vae as V
     from jaxdiff.train import tasks
+
     frozen, tcfg, ids = _tiny_ldm_parts()
     cfg = dict(cond_dropout=0.0, prediction_type="v_prediction", rescale_betas_zero_snr=True)
-    plain = tasks.ldm_task(tasks.LDMConfig(**cfg), U.PRESETS["tiny"], V.PRESETS["tiny"], tcfg, frozen, ids)
-    stf = tasks.ldm_task(tasks.LDMConfig(**cfg, stable_target=True), U.PRESETS["tiny"], V.PRESETS["tiny"], tcfg,
-                         frozen, ids)
+    plain = tasks.ldm_task(
+        tasks.LDMConfig(**cfg), U.PRESETS["tiny"], V.PRESETS["tiny"], tcfg, frozen, ids
+    )
+    stf = tasks.ldm_task(
+        tasks.LDMConfig(**cfg, stable_target=True),
+        U.PRESETS["tiny"],
+        V.PRESETS["tiny"],
+        tcfg,
+        frozen,
+        ids,
+    )
     params = nn.unbox(plain.init(jax.random.key(0)))
     rng = np.random.default_rng(0)
     image = np.clip(rng.standard_normal((4, 16, 16, 3)), -1, 1).astype(np.float32)
     distinct = np.tile(ids, (4, 1))
-    distinct[:, 1] = [320, 321, 322, 323]                        # four different prompts
+    distinct[:, 1] = [320, 321, 322, 323]  # four different prompts
     key = jax.random.key(3)
     loss = lambda task, tokens: task.loss(params, frozen, {"image": image, "tokens": tokens}, key)  # noqa: E731
     (l_plain, _), (l_stf, m) = loss(plain, distinct), loss(stf, distinct)
-    np.testing.assert_allclose(l_stf, l_plain, rtol=1e-5)        # no prompt twice: the usual target
+    np.testing.assert_allclose(l_stf, l_plain, rtol=1e-5)  # no prompt twice: the usual target
     assert float(m["stf_self_weight"]) == pytest.approx(1.0)
     repeated = distinct.copy()
-    repeated[:, 1] = [320, 320, 321, 321]                        # two prompts, two renders each
+    repeated[:, 1] = [320, 320, 321, 321]  # two prompts, two renders each
     (l_plain2, _), (l_stf2, m2) = loss(plain, repeated), loss(stf, repeated)
     assert abs(float(l_stf2) - float(l_plain2)) > 1e-3 * float(l_plain2)
     assert 0.5 <= float(m2["stf_self_weight"]) < 1.0
 
 
 def _tiny_ldm_parts():
-    from jaxdiff import text as T, vae as V
     from jaxdiff.convert.diffusers import COMPONENTS
+    from jaxdiff.models import text as T
+    from jaxdiff.models import vae as V
+
     tcfg = dataclasses.replace(T.PRESETS["tiny"], vocab_size=49408)
-    mk = lambda m, kind, cfg, seed: nn.unbox(m.init(jax.random.key(seed), *COMPONENTS[kind].dummy_inputs(cfg))["params"])  # noqa: E731
-    frozen = {"vae": mk(V.AutoencoderKL(V.PRESETS["tiny"]), "vae", V.PRESETS["tiny"], 1),
-              "text_encoder": mk(T.TextTransformer(tcfg), "text_encoder", tcfg, 2)}
+    mk = lambda m, kind, cfg, seed: nn.unbox(
+        m.init(jax.random.key(seed), *COMPONENTS[kind].dummy_inputs(cfg))["params"]
+    )  # noqa: E731
+    frozen = {
+        "vae": mk(V.AutoencoderKL(V.PRESETS["tiny"]), "vae", V.PRESETS["tiny"], 1),
+        "text_encoder": mk(T.TextTransformer(tcfg), "text_encoder", tcfg, 2),
+    }
     ids = np.full((77,), 49407, np.int32)
     ids[0] = 49406
     return frozen, tcfg, ids
 
+
 def test_remat_gives_the_same_gradients():
     """nn.remat per block recomputes activations in the backward pass; the numbers must not change."""
-    from jaxdiff import unet as U
+    from jaxdiff.models import unet as U
+
     cfg = U.PRESETS["tiny"]
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     ctx = jax.random.normal(jax.random.key(1), (2, 5, cfg.cross_attention_dim))
     params = nn.unbox(U.UNet(cfg).init(jax.random.key(2), x, jnp.zeros((2,)), ctx)["params"])
 
     def grads(remat):
-        f = lambda p: jnp.mean(U.UNet(cfg, remat=remat).apply({"params": p}, x, jnp.array([3.0, 500.0]), ctx) ** 2)  # noqa: E731
+        f = lambda p: jnp.mean(
+            U.UNet(cfg, remat=remat).apply({"params": p}, x, jnp.array([3.0, 500.0]), ctx) ** 2
+        )  # noqa: E731
         return jax.jit(jax.value_and_grad(f))(params)
+
     (l0, g0), (l1, g1) = grads(False), grads(True)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g0, g1)
 
 
 def test_text_token_ce_decodes_each_prompt_token_up_to_the_end_token():
-    from jaxdiff.text import PRESETS
+    from jaxdiff.models.text import PRESETS
     from jaxdiff.train.tasks import text_token_ce
+
     tcfg = dataclasses.replace(PRESETS["tiny"], vocab_size=7, eos_token_id=6)
     rng = np.random.default_rng(0)
     states, emb = rng.standard_normal((2, 5, 3)), rng.standard_normal((7, 3))
-    ids = np.array([[5, 1, 2, 6, 6], [5, 6, 6, 6, 6]], np.int32)      # BOS a b EOS pad / BOS EOS pad ...
+    ids = np.array(
+        [[5, 1, 2, 6, 6], [5, 6, 6, 6, 6]], np.int32
+    )  # BOS a b EOS pad / BOS EOS pad ...
     logits = states @ emb.T
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    want = -np.mean([logp[0, 0, 5], logp[0, 1, 1], logp[0, 2, 2], logp[0, 3, 6], logp[1, 0, 5], logp[1, 1, 6]])
+    want = -np.mean(
+        [logp[0, 0, 5], logp[0, 1, 1], logp[0, 2, 2], logp[0, 3, 6], logp[1, 0, 5], logp[1, 1, 6]]
+    )
     got = text_token_ce(jnp.asarray(states), jnp.asarray(ids), jnp.asarray(emb), tcfg)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
 def test_text_token_loss_adds_its_weighted_term_and_needs_a_trained_text_encoder():
-    from jaxdiff import unet as U, vae as V
+    from jaxdiff.models import unet as U
+    from jaxdiff.models import vae as V
     from jaxdiff.train import tasks
+
     frozen, tcfg, ids = _tiny_ldm_parts()
     with pytest.raises(ValueError, match="text_token_loss .* train_text_encoder"):
         tasks.ldm_task(tasks.LDMConfig(text_token_loss=0.1), None, None, tcfg, frozen, ids)
-    mk = lambda w: tasks.ldm_task(tasks.LDMConfig(cond_dropout=0.0, train_text_encoder=True, text_token_loss=w),  # noqa: E731
-                                  U.PRESETS["tiny"], V.PRESETS["tiny"], tcfg, frozen, ids)
+    mk = lambda w: tasks.ldm_task(
+        tasks.LDMConfig(cond_dropout=0.0, train_text_encoder=True, text_token_loss=w),  # noqa: E731
+        U.PRESETS["tiny"],
+        V.PRESETS["tiny"],
+        tcfg,
+        frozen,
+        ids,
+    )
     plain, aux = mk(0.0), mk(0.5)
     params = nn.unbox(plain.init(jax.random.key(0)))
     tokens = np.tile(ids, (2, 1))
@@ -358,23 +477,39 @@ def test_text_token_loss_adds_its_weighted_term_and_needs_a_trained_text_encoder
     batch = {"image": np.zeros((2, 16, 16, 3), np.float32), "tokens": tokens}
     l0, m0 = plain.loss(params, frozen, batch, jax.random.key(1))
     l1, m1 = aux.loss(params, frozen, batch, jax.random.key(1))
-    assert "text_token_ce" not in m0 and float(m1["text_token_ce"]) > 1.0      # random tower: far from decoding
+    assert (
+        "text_token_ce" not in m0 and float(m1["text_token_ce"]) > 1.0
+    )  # random tower: far from decoding
     np.testing.assert_allclose(float(l1), float(l0) + 0.5 * float(m1["text_token_ce"]), rtol=1e-5)
     key = jax.random.key(1)
-    g = jax.grad(lambda p: aux.loss(p, frozen, batch, key)[0] - plain.loss(p, frozen, batch, key)[0])(params)
+    g = jax.grad(
+        lambda p: aux.loss(p, frozen, batch, key)[0] - plain.loss(p, frozen, batch, key)[0]
+    )(params)
     assert float(jnp.abs(g["text_encoder"]["embeddings"]["token_embedding"]["embedding"]).sum()) > 0
-    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g["unet"]))   # the UNet's loss is unchanged
+    assert all(
+        float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g["unet"])
+    )  # the UNet's loss is unchanged
 
 
 def test_timestep_bias_draws_the_noisiest_steps_more_often():
     from jaxdiff.train.tasks import LDMConfig, ldm_task, sample_timesteps
+
     key, n = jax.random.key(0), 20000
     plain = sample_timesteps(key, n, LDMConfig())
-    np.testing.assert_array_equal(plain, jax.random.randint(key, (n,), 0, 1000))   # off: the old stream
-    late = np.asarray(sample_timesteps(key, n, LDMConfig(timestep_bias_portion=0.5, timestep_bias_begin=850)))
+    np.testing.assert_array_equal(
+        plain, jax.random.randint(key, (n,), 0, 1000)
+    )  # off: the old stream
+    late = np.asarray(
+        sample_timesteps(key, n, LDMConfig(timestep_bias_portion=0.5, timestep_bias_begin=850))
+    )
     assert late.min() >= 0 and late.max() <= 999
-    assert np.mean(late >= 850) == pytest.approx(0.5 + 0.5 * 0.15, abs=0.015)      # 57.5 % instead of 15 %
-    assert np.mean(late < 425) == pytest.approx(0.5 * 0.425, abs=0.015)            # the rest stays uniform
-    for bad in (dict(timestep_bias_portion=1.5), dict(timestep_bias_portion=0.5, timestep_bias_begin=1000)):
+    assert np.mean(late >= 850) == pytest.approx(
+        0.5 + 0.5 * 0.15, abs=0.015
+    )  # 57.5 % instead of 15 %
+    assert np.mean(late < 425) == pytest.approx(0.5 * 0.425, abs=0.015)  # the rest stays uniform
+    for bad in (
+        dict(timestep_bias_portion=1.5),
+        dict(timestep_bias_portion=0.5, timestep_bias_begin=1000),
+    ):
         with pytest.raises(ValueError, match="timestep_bias"):
             ldm_task(LDMConfig(**bad), None, None, None, {}, np.zeros(4))

@@ -1,4 +1,5 @@
 """MetricWriter, image_grid and write_run_info: event files read back, PNGs, rates from a fake clock."""
+
 import io
 import json
 import struct
@@ -26,11 +27,11 @@ def read_events(logdir):
     for path in files:
         buf, pos = path.read_bytes(), 0
         while pos < len(buf):
-            header = buf[pos:pos + 8]
+            header = buf[pos : pos + 8]
             (n,) = struct.unpack("<Q", header)
-            (len_crc,) = struct.unpack("<I", buf[pos + 8:pos + 12])
-            data = buf[pos + 12:pos + 12 + n]
-            (data_crc,) = struct.unpack("<I", buf[pos + 12 + n:pos + 16 + n])
+            (len_crc,) = struct.unpack("<I", buf[pos + 8 : pos + 12])
+            data = buf[pos + 12 : pos + 12 + n]
+            (data_crc,) = struct.unpack("<I", buf[pos + 12 + n : pos + 16 + n])
             assert len_crc == masked(header) and data_crc == masked(data)
             events.append(Event.FromString(data))
             pos += 16 + n
@@ -60,13 +61,17 @@ def test_scalars_and_images_round_trip(tmp_path):
     grid = image_grid(floats)
     assert (images["samples/cfg"].height, images["samples/cfg"].width) == (2 * 6 + 2, 3 * 7 + 2 * 2)
     assert (images["uint8"].height, images["uint8"].width) == (6, 7)
-    decoded = np.asarray(Image.open(io.BytesIO(images["samples/cfg"].encoded_image_string)).convert("RGB"))
+    decoded = np.asarray(
+        Image.open(io.BytesIO(images["samples/cfg"].encoded_image_string)).convert("RGB")
+    )
     np.testing.assert_array_equal(decoded, grid)
 
     png = tmp_path / "samples" / "step_00000002_samples_cfg.png"
     np.testing.assert_array_equal(np.asarray(Image.open(png)), grid)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
-        "step_00000002_samples_cfg.png", "step_00000002_uint8.png"]  # no temporary files left
+        "step_00000002_samples_cfg.png",
+        "step_00000002_uint8.png",
+    ]  # no temporary files left
 
 
 def test_non_main_process_writes_and_prints_nothing(tmp_path):
@@ -94,17 +99,32 @@ def test_bad_images_are_rejected_with_their_shape(tmp_path):
         w.write_scalars(1, {"loss": 1.0})
 
 
-@pytest.mark.parametrize("n, columns, rows, cols", [(1, None, 1, 1), (4, None, 2, 2), (5, None, 2, 3),
-                                                    (10, None, 3, 4), (3, 1, 3, 1), (3, 8, 1, 3)])
+@pytest.mark.parametrize(
+    "n, columns, rows, cols",
+    [
+        (1, None, 1, 1),
+        (4, None, 2, 2),
+        (5, None, 2, 3),
+        (10, None, 3, 4),
+        (3, 1, 3, 1),
+        (3, 8, 1, 3),
+    ],
+)
 def test_grid_geometry(n, columns, rows, cols):
     h, w, gap = 3, 5, 2
-    tiles = (np.arange(1, n + 1, dtype=np.uint8)[:, None, None, None] * np.ones((1, h, w, 3), np.uint8))
+    tiles = np.arange(1, n + 1, dtype=np.uint8)[:, None, None, None] * np.ones(
+        (1, h, w, 3), np.uint8
+    )
     grid = image_grid(tiles, columns=columns, gap=gap)
-    assert grid.dtype == np.uint8 and grid.shape == (rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3)
+    assert grid.dtype == np.uint8 and grid.shape == (
+        rows * h + (rows - 1) * gap,
+        cols * w + (cols - 1) * gap,
+        3,
+    )
     expected = np.zeros_like(grid)  # black gaps; tile i at row i // cols, column i % cols
     for i in range(n):
         r, c = divmod(i, cols)
-        expected[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = i + 1
+        expected[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = i + 1
     np.testing.assert_array_equal(grid, expected)
 
 
@@ -118,15 +138,37 @@ def test_write_run_info_and_rotation(tmp_path):
     import jax.numpy as jnp
     import ml_collections
 
-    cfg = ml_collections.ConfigDict({"model": {"channels": (32, 64), "dtype": jnp.bfloat16},
-                                     "lr": np.float32(0.5), "steps": np.int64(7), "name": "tiny"})
+    cfg = ml_collections.ConfigDict(
+        {
+            "model": {"channels": (32, 64), "dtype": jnp.bfloat16},
+            "lr": np.float32(0.5),
+            "steps": np.int64(7),
+            "name": "tiny",
+        }
+    )
     write_run_info(tmp_path, cfg, extra={"mesh": (2, 4)})
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config == {"model": {"channels": [32, 64], "dtype": "bfloat16"}, "lr": 0.5, "steps": 7, "name": "tiny"}
+    assert config == {
+        "model": {"channels": [32, 64], "dtype": "bfloat16"},
+        "lr": 0.5,
+        "steps": 7,
+        "name": "tiny",
+    }
     info = json.loads((tmp_path / "versions.json").read_text())
-    assert info["packages"]["jax"] == jax.__version__ and info["packages"]["numpy"] == np.__version__
-    assert set(info["packages"]) >= {"python", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
-                                     "tensorflow-datasets", "transformers", "jaxdiff"}
+    assert (
+        info["packages"]["jax"] == jax.__version__ and info["packages"]["numpy"] == np.__version__
+    )
+    assert set(info["packages"]) >= {
+        "python",
+        "jaxlib",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "tensorflow-datasets",
+        "transformers",
+        "jaxdiff",
+    }
     assert info["device_count"] == jax.device_count() and info["process_count"] == 1
     assert info["device_kind"] == jax.devices()[0].device_kind and info["extra"] == {"mesh": [2, 4]}
     assert info["git_commit"] is None or len(info["git_commit"]) == 40
@@ -152,7 +194,9 @@ class FakeClock:
 
 def test_progress_rates_from_injected_clock(tmp_path):
     clock, out = FakeClock(), io.StringIO()  # StringIO is not a TTY: compact lines, no bar
-    w = MetricWriter(tmp_path, total_steps=100, tensorboard=False, stream=out, clock=clock, log_every_s=5)
+    w = MetricWriter(
+        tmp_path, total_steps=100, tensorboard=False, stream=out, clock=clock, log_every_s=5
+    )
     w.update_progress(0, loss=2.0, examples=32)  # starts the clock (step 0 included compilation)
     assert w.rates == (None, None)
     clock.t = 101.0
@@ -190,4 +234,6 @@ def test_progress_bar_on_a_tty(tmp_path):
         clock.t += 2.0
         w.update_progress(20, loss=0.25, examples=4)
     text = out.getvalue()
-    assert "20/50" in text and "loss 0.25" in text and "5 steps/s" in text and "20 examples/s" in text
+    assert (
+        "20/50" in text and "loss 0.25" in text and "5 steps/s" in text and "20 examples/s" in text
+    )

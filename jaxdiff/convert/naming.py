@@ -5,6 +5,7 @@ Flax modules here mirror the reference modules' names, so a Flax path maps to a 
 ``_N`` is a list index only on the names in ``LIST_NAMES`` (``time_embedding/linear_1`` stays put).
 Leaves: ``kernel`` (4-D: OIHW <-> HWIO; 2-D: transposed), ``scale``/``embedding`` <-> ``weight``.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,18 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-LIST_NAMES = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
-              "downsamplers", "upsamplers", "to_out", "net", "layers")
+LIST_NAMES = (
+    "down_blocks",
+    "up_blocks",
+    "resnets",
+    "attentions",
+    "transformer_blocks",
+    "downsamplers",
+    "upsamplers",
+    "to_out",
+    "net",
+    "layers",
+)
 _LIST_RE = re.compile(rf"^({'|'.join(LIST_NAMES)})_(\d+)$")
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -45,8 +56,15 @@ class ConversionError(ValueError):
     pass
 
 
-def torch_to_flax(state_dict: dict[str, np.ndarray], abstract_params, *, prefix: str = "",
-                  ignore: tuple[str, ...] = (), what: str = "model", dtype=None):
+def torch_to_flax(
+    state_dict: dict[str, np.ndarray],
+    abstract_params,
+    *,
+    prefix: str = "",
+    ignore: tuple[str, ...] = (),
+    what: str = "model",
+    dtype=None,
+):
     """Fill every leaf of ``abstract_params`` (shapes, e.g. from ``jax.eval_shape``) from ``state_dict``.
 
     Every source tensor must be consumed (bar keys matching an ``ignore`` regex) and every param
@@ -55,7 +73,9 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], abstract_params, *, prefix:
     flat = traverse_util.flatten_dict(abstract_params)
     wanted = {prefix + torch_key(p): p for p in flat}
     ignore_re = [re.compile(r) for r in ignore]
-    unused = sorted(k for k in state_dict if k not in wanted and not any(r.search(k) for r in ignore_re))
+    unused = sorted(
+        k for k in state_dict if k not in wanted and not any(r.search(k) for r in ignore_re)
+    )
     missing = sorted(k for k in wanted if k not in state_dict)
     if unused or missing:
         msg = [f"{what}: the checkpoint does not match the model config."]
@@ -69,20 +89,26 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], abstract_params, *, prefix:
         value = to_flax_layout(path, np.asarray(state_dict[key]))
         expect = tuple(flat[path].shape)
         if value.shape != expect:
-            bad.append(f"{key}: checkpoint {tuple(state_dict[key].shape)} -> {value.shape}, "
-                       f"model expects {expect}")
+            bad.append(
+                f"{key}: checkpoint {tuple(state_dict[key].shape)} -> {value.shape}, "
+                f"model expects {expect}"
+            )
             continue
         out[path] = value.astype(dtype or flat[path].dtype)
     if bad:
-        raise ConversionError(f"{what}: {len(bad)} tensors have the wrong shape:\n  " + "\n  ".join(bad))
+        raise ConversionError(
+            f"{what}: {len(bad)} tensors have the wrong shape:\n  " + "\n  ".join(bad)
+        )
     return traverse_util.unflatten_dict(out)
 
 
 def flax_to_torch(params, *, prefix: str = "") -> dict[str, np.ndarray]:
     """Flax params -> PyTorch-layout numpy tensors keyed by state-dict names (exact inverse)."""
     flat = traverse_util.flatten_dict(jax.device_get(params))
-    return {prefix + torch_key(p): _contiguous(to_torch_layout(p, np.asarray(v)))
-            for p, v in flat.items()}
+    return {
+        prefix + torch_key(p): _contiguous(to_torch_layout(p, np.asarray(v)))
+        for p, v in flat.items()
+    }
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 PyTorch ``.bin`` pickles are read only through ``torch.load(weights_only=True)``, which refuses to run
 arbitrary code from the file; nothing here ever unpickles beyond that.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,20 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
-           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
@@ -47,11 +59,16 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
     path = Path(path)
     header, offset, arrays = {}, 0, []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[name])).reshape(np.shape(tensors[name]))  # keeps 0-d
+        a = np.ascontiguousarray(np.asarray(tensors[name])).reshape(
+            np.shape(tensors[name])
+        )  # keeps 0-d
         if a.dtype not in _NAMES:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be written to safetensors")
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": _NAMES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
         arrays.append(a)
     if metadata:
@@ -71,16 +88,21 @@ def read_torch_bin(path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"{path} is a PyTorch pickle; reading it needs torch installed "
-                          "(or convert it to .safetensors)") from e
+        raise ImportError(
+            f"{path} is a PyTorch pickle; reading it needs torch installed "
+            "(or convert it to .safetensors)"
+        ) from e
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     out = {}
     for k, v in sd.items():
         if hasattr(v, "numpy"):
-            out[k] = (v.float().numpy().astype(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16
-                      else v.numpy())
+            out[k] = (
+                v.float().numpy().astype(ml_dtypes.bfloat16)
+                if v.dtype == torch.bfloat16
+                else v.numpy()
+            )
     return out
 
 
@@ -97,16 +119,24 @@ def read_tensors(path) -> dict[str, np.ndarray]:
         return read_safetensors(path)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         return read_torch_bin(path)
-    raise ValueError(f"{path}: unknown weight file type (expected .safetensors, .bin or .index.json)")
+    raise ValueError(
+        f"{path}: unknown weight file type (expected .safetensors, .bin or .index.json)"
+    )
 
 
 def find_weights(folder, stems: tuple[str, ...], variant: str | None = None) -> Path:
     """The weight file of a diffusers/transformers component folder, safetensors preferred."""
     folder = Path(folder)
     suffix = f".{variant}" if variant else ""
-    candidates = [folder / name for stem in stems for ext in ("safetensors", "bin")
-                  for name in (f"{stem}{suffix}.{ext}", f"{stem}.{ext}.index{suffix}.json")]
+    candidates = [
+        folder / name
+        for stem in stems
+        for ext in ("safetensors", "bin")
+        for name in (f"{stem}{suffix}.{ext}", f"{stem}.{ext}.index{suffix}.json")
+    ]
     for c in candidates:
         if c.exists():
             return c
-    raise FileNotFoundError(f"{folder}: no weights found; expected one of {[c.name for c in candidates]}")
+    raise FileNotFoundError(
+        f"{folder}: no weights found; expected one of {[c.name for c in candidates]}"
+    )

@@ -9,7 +9,7 @@ A record is `{"image": bytes, "caption": str, "name": str}`: raw encoded bytes, 
 input pipeline (`jaxdiff.data.pipeline`). Records are sorted by path, so every host of a multi-host
 run sees the same order. What cannot be used is counted per reason in `source.skips`, never raised.
 
-    jaxdiff data folder DIR --resolution 64 [--limit N]   # decode everything, print a summary
+`jaxdiff data folder DIR` (jaxdiff.data.cli) decodes a whole folder as training would and summarises it.
 """
 from __future__ import annotations
 
@@ -264,77 +264,3 @@ def open_folder(root) -> _Source:
     if next(root.rglob("*.tar"), None) is not None:
         return TarShards(root)
     return TxtPairFolder(root)
-
-
-def _stats_row(label: str, values) -> str:
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return f"  {label:<26}-"
-    return (f"  {label:<26}min {v.min():.0f}  median {np.median(v):.0f}  mean {v.mean():.1f}  "
-            f"max {v.max():.0f}")
-
-
-def format_summary(summary: dict) -> str:
-    """The table `jaxdiff data folder` prints."""
-    checked = "" if summary["checked"] == summary["records"] else f"  (checked the first {summary['checked']})"
-    lines = [f"{summary['root']}  ({summary['layout']} layout)",
-             f"  {'found':<26}{summary['records'] + summary['skipped_open']}",
-             f"  {'image-caption records':<26}{summary['records']}{checked}",
-             f"  {'used':<26}{summary['used']}",
-             f"  {'skipped':<26}{summary['skipped_open'] + summary['skipped_decode']}"]
-    for reason, row in {**summary["skipped_at_open"], **summary["skipped_at_decode"]}.items():
-        lines.append(f"    {reason:<32}{row['count']:>7}   e.g. {', '.join(row['examples'])}")
-    lines.append(_stats_row("caption length (words)", summary["caption_words"]))
-    lines.append(_stats_row("caption length (chars)", summary["caption_chars"]))
-    lines.append(f"  {'empty captions':<26}{summary['empty_captions']}")
-    return "\n".join(lines)
-
-
-def scan(source, resolution: int, limit: int | None = None, num_threads: int = 4) -> dict:
-    """Decode (and crop) every record of `source` as the pipeline would; counts and caption stats."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from jaxdiff.data.pipeline import DecodeExample
-
-    decode = DecodeExample(resolution)
-    n = len(source) if limit is None else min(limit, len(source))
-    words, chars = [], []
-    with ThreadPoolExecutor(num_threads) as pool:
-        for out in pool.map(lambda i: decode(source[i]), range(n), chunksize=16):
-            if out is not None:
-                words.append(len(out["caption"].split()))
-                chars.append(len(out["caption"]))
-    open_skips = source.skips.as_dict() if hasattr(source, "skips") else {}
-    return {"root": str(getattr(source, "root", "")), "layout": getattr(source, "layout", "?"),
-            "records": len(source), "checked": n, "used": len(words), "skipped_open": sum(r["count"] for r in open_skips.values()),
-            "skipped_decode": decode.skips.total, "skipped_at_open": open_skips,
-            "skipped_at_decode": decode.skips.as_dict(), "caption_words": words, "caption_chars": chars,
-            "empty_captions": sum(c == 0 for c in chars), "resolution": resolution}
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="jaxdiff data folder",
-                                 description="Check a folder of image-caption data: decode every image as "
-                                             "training would, count what is used and skipped.")
-    ap.add_argument("folder", help="images + .txt captions, a captions.jsonl, or img2dataset .tar shards")
-    ap.add_argument("--resolution", type=int, default=64, help="training resolution (default 64)")
-    ap.add_argument("--limit", type=int, default=None, help="check only the first N records")
-    ap.add_argument("--threads", type=int, default=4, help="decoding threads (default 4)")
-    ap.add_argument("--json", default=None, help="also write the summary (without per-caption lists) here")
-    args = ap.parse_args(argv)
-    if args.resolution < 1 or (args.limit is not None and args.limit < 1):
-        ap.error("--resolution and --limit must be positive")
-    try:
-        source = open_folder(args.folder)
-    except (OSError, ValueError) as e:
-        sys.exit(f"jaxdiff data folder: {e}")
-    summary = scan(source, args.resolution, args.limit, args.threads)
-    print(format_summary(summary))
-    if args.json:
-        slim = {k: v for k, v in summary.items() if k not in ("caption_words", "caption_chars")}
-        Path(args.json).write_text(json.dumps(slim, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

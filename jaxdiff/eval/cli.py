@@ -1,11 +1,12 @@
 """`jaxdiff eval ...`: score generated images.
 
-    jaxdiff eval fidelity --images DIR [--json OUT] [--resolution 64]
-    jaxdiff eval frechet --images DIR --reference DIR|shapes_world:SPLIT [--json OUT]
-    jaxdiff eval clip --model RUN|DIR [--data shapes_world|folder:DIR] [--split heldout] [--n 1000]
-    jaxdiff eval clip-score --model RUN|DIR --images DIR [--prompt TEXT]
-    jaxdiff eval vae --model RUN|DIR [--split validation] [--n 500]
+jaxdiff eval fidelity --images DIR [--json OUT] [--resolution 64]
+jaxdiff eval frechet --images DIR --reference DIR|shapes_world:SPLIT [--json OUT]
+jaxdiff eval clip --model RUN|DIR [--data shapes_world|folder:DIR] [--split heldout] [--n 1000]
+jaxdiff eval clip-score --model RUN|DIR --images DIR [--prompt TEXT]
+jaxdiff eval vae --model RUN|DIR [--split validation] [--n 500]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,9 +74,12 @@ def _frechet(args):
         if args.reference.startswith("shapes_world:"):
             split = args.reference.split(":", 1)[1]
             from jaxdiff.data.shapes_world import RESOLUTIONS, SPLITS
+
             if split not in SPLITS:
-                raise ValueError(f"unknown split {split!r} in --reference: expected shapes_world:"
-                                 f"{'|'.join(SPLITS)}")
+                raise ValueError(
+                    f"unknown split {split!r} in --reference: expected shapes_world:"
+                    f"{'|'.join(SPLITS)}"
+                )
             res = size if size in RESOLUTIONS else 64
             reference = frechet.reference_images(split, args.num or len(images), res, args.seed)
         else:
@@ -83,11 +87,21 @@ def _frechet(args):
         d = frechet.frechet(images, reference)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"jaxdiff eval frechet: {e}")
-    print(f"frechet distance {d:.4f} ({len(images)} images vs {len(reference)} reference, "
-          f"{frechet.FEATURE_DIM} fixed features)")
+    print(
+        f"frechet distance {d:.4f} ({len(images)} images vs {len(reference)} reference, "
+        f"{frechet.FEATURE_DIM} fixed features)"
+    )
     if args.json:
-        write_json({"frechet": d, "images": args.images, "reference": args.reference,
-                    "n_images": len(images), "n_reference": len(reference)}, args.json)
+        write_json(
+            {
+                "frechet": d,
+                "images": args.images,
+                "reference": args.reference,
+                "n_images": len(images),
+                "n_reference": len(reference),
+            },
+            args.json,
+        )
         print(f"wrote {args.json}")
 
 
@@ -128,28 +142,44 @@ def _clip_score(args):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"jaxdiff eval clip-score: {e}")
     scores = ce.clip_score(model.embed_images(images), model.embed_texts(captions))
-    print(f"CLIP score {scores.mean():.2f} (mean of {len(scores)} images; min {scores.min():.2f}, "
-          f"max {scores.max():.2f})")
+    print(
+        f"CLIP score {scores.mean():.2f} (mean of {len(scores)} images; min {scores.min():.2f}, "
+        f"max {scores.max():.2f})"
+    )
     out = args.json or str(Path(args.images) / "clip_score.json")
-    write_json({"clip_score": float(scores.mean()), "per_image": [float(v) for v in scores],
-                "captions": captions, "model": str(args.model)}, out)
+    write_json(
+        {
+            "clip_score": float(scores.mean()),
+            "per_image": [float(v) for v in scores],
+            "captions": captions,
+            "model": str(args.model),
+        },
+        out,
+    )
     print(f"wrote {out}")
 
 
 def _vae(args):
+    from jaxdiff.convert.runs import load_vae
     from jaxdiff.eval import vae as ve
     from jaxdiff.eval.fidelity import write_json
 
     try:
-        cfg, params = ve.load_vae(args.model)
+        cfg, params = load_vae(args.model)
         report = ve.shapes_world_psnr(cfg, params, args.split, args.n, args.resolution)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"jaxdiff eval vae: {e}")
-    print(f"reconstruction PSNR on {report['n']} {report['split']} images at {report['resolution']} px: "
-          f"mean {report['psnr_mean']:.2f} dB, median {report['psnr_median']:.2f}, min {report['psnr_min']:.2f}")
-    attrs = ", ".join(f"{k} {100 * v:.1f} %" for k, v in report["fidelity_by_attribute"].items() if v is not None)
-    print(f"prompt fidelity of the reconstructions (the ceiling for a latent diffusion model on this VAE): "
-          f"{100 * report['fidelity']:.1f} % ({attrs})")
+    print(
+        f"reconstruction PSNR on {report['n']} {report['split']} images at {report['resolution']} px: "
+        f"mean {report['psnr_mean']:.2f} dB, median {report['psnr_median']:.2f}, min {report['psnr_min']:.2f}"
+    )
+    attrs = ", ".join(
+        f"{k} {100 * v:.1f} %" for k, v in report["fidelity_by_attribute"].items() if v is not None
+    )
+    print(
+        f"prompt fidelity of the reconstructions (the ceiling for a latent diffusion model on this VAE): "
+        f"{100 * report['fidelity']:.1f} % ({attrs})"
+    )
     if args.json:
         write_json(dict(report, model=str(args.model)), args.json)
         print(f"wrote {args.json}")
@@ -158,41 +188,73 @@ def _vae(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="jaxdiff eval", description="Score generated images.")
     sub = ap.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fidelity", help="prompt fidelity on the shapes world (per the spec's Scoring)")
-    f.add_argument("--images", required=True, help="PNGs with the prompt in PNG text 'prompt', a "
-                   "same-named .txt, or captions.jsonl")
+    f = sub.add_parser(
+        "fidelity", help="prompt fidelity on the shapes world (per the spec's Scoring)"
+    )
+    f.add_argument(
+        "--images",
+        required=True,
+        help="PNGs with the prompt in PNG text 'prompt', a same-named .txt, or captions.jsonl",
+    )
     f.add_argument("--json", help="report path (default: IMAGES/fidelity.json)")
     f.add_argument("--resolution", type=int, help="resize images to this side first (64 or above)")
     r = sub.add_parser("frechet", help="Frechet distance on fixed shapes-world features")
     r.add_argument("--images", required=True)
     r.add_argument("--reference", required=True, help="a folder, or shapes_world:SPLIT (rendered)")
-    r.add_argument("--num", type=int,
-                   help="reference examples for shapes_world:SPLIT (default: as many as images)")
+    r.add_argument(
+        "--num",
+        type=int,
+        help="reference examples for shapes_world:SPLIT (default: as many as images)",
+    )
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json")
     c = sub.add_parser("clip", help="CLIP zero-shot accuracy and retrieval recall@k")
-    c.add_argument("--model", required=True, help="a `jaxdiff train` CLIP workdir or a transformers CLIPModel folder")
-    c.add_argument("--data", default="shapes_world",
-                   help="shapes_world (rendered; zero-shot colour and shape + retrieval) or folder:DIR (retrieval)")
-    c.add_argument("--split", default="heldout", help="shapes-world split: train, validation or heldout")
-    c.add_argument("--n", type=int, default=1000, help="examples (retrieval ranks among all of them)")
+    c.add_argument(
+        "--model",
+        required=True,
+        help="a `jaxdiff train` CLIP workdir or a transformers CLIPModel folder",
+    )
+    c.add_argument(
+        "--data",
+        default="shapes_world",
+        help="shapes_world (rendered; zero-shot colour and shape + retrieval) or folder:DIR (retrieval)",
+    )
+    c.add_argument(
+        "--split", default="heldout", help="shapes-world split: train, validation or heldout"
+    )
+    c.add_argument(
+        "--n", type=int, default=1000, help="examples (retrieval ranks among all of them)"
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", help="write the report here")
     s = sub.add_parser("clip-score", help="mean CLIP score of images against their prompts")
     s.add_argument("--model", required=True)
-    s.add_argument("--images", required=True, help="images with prompts (PNG text 'prompt', NAME.txt or "
-                   "captions.jsonl), e.g. `jaxdiff txt2img` output")
+    s.add_argument(
+        "--images",
+        required=True,
+        help="images with prompts (PNG text 'prompt', NAME.txt or "
+        "captions.jsonl), e.g. `jaxdiff txt2img` output",
+    )
     s.add_argument("--prompt", help="score every image against this prompt instead")
     s.add_argument("--json", help="report path (default: IMAGES/clip_score.json)")
-    v = sub.add_parser("vae", help="VAE reconstruction PSNR and prompt fidelity on rendered shapes-world images")
-    v.add_argument("--model", required=True, help="a `jaxdiff train` VAE run, a diffusers folder or its vae/")
+    v = sub.add_parser(
+        "vae", help="VAE reconstruction PSNR and prompt fidelity on rendered shapes-world images"
+    )
+    v.add_argument(
+        "--model", required=True, help="a `jaxdiff train` VAE run, a diffusers folder or its vae/"
+    )
     v.add_argument("--split", default="validation")
     v.add_argument("--n", type=int, default=500)
     v.add_argument("--resolution", type=int, default=64)
     v.add_argument("--json")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    {"fidelity": _fidelity, "frechet": _frechet, "clip": _clip, "clip-score": _clip_score,
-     "vae": _vae}[args.command](args)
+    {
+        "fidelity": _fidelity,
+        "frechet": _frechet,
+        "clip": _clip,
+        "clip-score": _clip_score,
+        "vae": _vae,
+    }[args.command](args)
     return 0
 
 

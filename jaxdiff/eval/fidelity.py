@@ -20,6 +20,7 @@ Detection, per image of side S (all pixel thresholds scale with S):
    object of no shape (it never matches a caption).
 4. Size: the fitted extent below 0.24 S is small; cell: the centroid against the 0.35 / 0.65 bands.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,19 +35,20 @@ from scipy import ndimage
 
 from jaxdiff.data import shapes_world as sw
 
-PALETTE = np.array(list(sw.COLOURS.values()), np.float32)                              # [8, 3]
+PALETTE = np.array(list(sw.COLOURS.values()), np.float32)  # [8, 3]
 WORLD = np.concatenate([PALETTE, np.array(list(sw.BACKGROUNDS.values()), np.float32)])  # [11, 3]
-FG_DISTANCE = 45.0      # RGB distance from the background that makes a pixel foreground
+FG_DISTANCE = 45.0  # RGB distance from the background that makes a pixel foreground
 CORE_FRACTION = 0.6
 SPECK_FRACTION = 0.002  # of S^2
 MAX_FIT_ERROR = 0.35
-MAX_LINE_RESID = 40.0   # mean RGB distance of core pixels from their colour's line (noise 12: ~15)
+MAX_LINE_RESID = 40.0  # mean RGB distance of core pixels from their colour's line (noise 12: ~15)
 BLURS = (0.0, 0.5, 0.8, 1.1, 1.4)  # px at 64, scaled with S
 
 
 @dataclasses.dataclass(frozen=True)
 class Detected:
     """An object found in an image; geometry in units of S. shape None: no shape fits."""
+
     colour: str
     shape: str | None
     extent: float
@@ -83,15 +85,25 @@ def _background(img):
     """(name or None, measured RGB, nominal RGB) of the most common background colour on the border."""
     s = img.shape[0]
     b = max(1, s // 32)
-    border = np.concatenate([img[:b].reshape(-1, 3), img[-b:].reshape(-1, 3),
-                             img[b:-b, :b].reshape(-1, 3), img[b:-b, -b:].reshape(-1, 3)])
+    border = np.concatenate(
+        [
+            img[:b].reshape(-1, 3),
+            img[-b:].reshape(-1, 3),
+            img[b:-b, :b].reshape(-1, 3),
+            img[b:-b, -b:].reshape(-1, 3),
+        ]
+    )
     lab = _nearest(border, WORLD)
-    counts = np.bincount(lab, minlength=len(WORLD))[len(PALETTE):]
+    counts = np.bincount(lab, minlength=len(WORLD))[len(PALETTE) :]
     if counts.max() == 0:
         m = np.median(border, 0)
         return None, m, m
     k = int(counts.argmax())
-    return list(sw.BACKGROUNDS)[k], np.median(border[lab == len(PALETTE) + k], 0), WORLD[len(PALETTE) + k]
+    return (
+        list(sw.BACKGROUNDS)[k],
+        np.median(border[lab == len(PALETTE) + k], 0),
+        WORLD[len(PALETTE) + k],
+    )
 
 
 def _unmix(d, lines):
@@ -104,7 +116,9 @@ def _unmix(d, lines):
 def _line_label(d, lines):
     """Palette colour whose background-to-colour line explains each pixel best (coverage >= 0.25)."""
     alpha, resid = _unmix(d, lines)
-    return np.where(alpha >= 0.25, resid, np.inf).argmin(-1), np.where(alpha >= 0.25, resid, np.inf).min(-1)
+    return np.where(alpha >= 0.25, resid, np.inf).argmin(-1), np.where(
+        alpha >= 0.25, resid, np.inf
+    ).min(-1)
 
 
 def _fit_shape(alpha, ox, oy, s):
@@ -121,7 +135,7 @@ def _fit_shape(alpha, ox, oy, s):
         e = np.sqrt(mass / sw.SHAPE_AREA[shape])
         t = sw.coverage(shape, cx, cy - sw.SHAPE_CENTROID_DY.get(shape, 0.0) * e, e, ox, oy, w, h)
         norm = float((t * t).sum())
-        if norm <= 0:             # the template covers no pixel sample of this crop (seen on model outputs)
+        if norm <= 0:  # the template covers no pixel sample of this crop (seen on model outputs)
             continue
         for sigma in BLURS:
             tb = ndimage.gaussian_filter(t, sigma * s / 64, mode="constant") if sigma else t
@@ -155,7 +169,7 @@ def detect(image) -> tuple[str | None, list[Detected]]:
     bg_name, bg, bg_nominal = _background(img)
     # A global colour shift moves the background and the objects alike: measuring the background
     # and unmixing along nominal colour lines cancels it.
-    lines = PALETTE - bg_nominal                                                           # [8, 3]
+    lines = PALETTE - bg_nominal  # [8, 3]
     smooth = ndimage.gaussian_filter(img, (0.5 * s / 64, 0.5 * s / 64, 0))
     dist = np.sqrt(((smooth - bg) ** 2).sum(-1))
     labels, _ = ndimage.label(dist > FG_DISTANCE, structure=np.ones((3, 3)))
@@ -173,7 +187,7 @@ def detect(image) -> tuple[str | None, list[Detected]]:
             continue
         d = dist[y0:y1, x0:x1]
         core = comp & (d >= CORE_FRACTION * np.percentile(d[comp], 90))
-        diff = img[y0:y1, x0:x1] - bg                                                  # [h, w, 3]
+        diff = img[y0:y1, x0:x1] - bg  # [h, w, 3]
         mine = territory[y0:y1, x0:x1] == i
         for k, part in _parts(smooth[y0:y1, x0:x1] - bg, comp, core, lines):
             part_core = part & core
@@ -181,14 +195,17 @@ def detect(image) -> tuple[str | None, list[Detected]]:
                 continue
             label, resid = _line_label(diff[part_core].mean(0), lines)
             colour = int(label) if k is None else k
-            stray = _unmix(diff[part_core], lines[colour:colour + 1])[1].mean()
+            stray = _unmix(diff[part_core], lines[colour : colour + 1])[1].mean()
             if not np.isfinite(resid) or stray > MAX_LINE_RESID:
                 continue  # not a flat-coloured object: its pixels stray from the colour's line
             v = lines[colour]
             alpha = np.where(mine & part, (diff @ v) / float(v @ v), 0.0)
             shape, e, (cx, cy), err = _fit_shape(alpha, x0, y0, s)
-            found.append(Detected(list(sw.COLOURS)[colour], shape, float(e / s), (cx / s, cy / s),
-                                  float(err)))
+            found.append(
+                Detected(
+                    list(sw.COLOURS)[colour], shape, float(e / s), (cx / s, cy / s), float(err)
+                )
+            )
     return bg_name, found
 
 
@@ -197,18 +214,29 @@ def _check_image(image):
     if a.ndim != 3 or a.shape[2] != 3 or a.shape[0] != a.shape[1] or a.dtype != np.uint8:
         raise ValueError(f"expected a square uint8 RGB image [S, S, 3], got {a.dtype} {a.shape}")
     if a.shape[0] < 64:
-        warnings.warn(f"scoring at {a.shape[0]} px: the spec scores at 64 px or above (a small star "
-                      "at 32 px is ~6 px wide); these numbers are for fast tests only", stacklevel=3)
+        warnings.warn(
+            f"scoring at {a.shape[0]} px: the spec scores at 64 px or above (a small star "
+            "at 32 px is ~6 px wide); these numbers are for fast tests only",
+            stacklevel=3,
+        )
     return a
 
 
 def _relation_holds(a: Detected, b: Detected, relation):
-    return {"to the left of": a.column < b.column, "to the right of": a.column > b.column,
-            "above": a.row < b.row, "below": a.row > b.row}[relation]
+    return {
+        "to the left of": a.column < b.column,
+        "to the right of": a.column > b.column,
+        "above": a.row < b.row,
+        "below": a.row > b.row,
+    }[relation]
 
 
-INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
-           "below": "above"}
+INVERSE = {
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+    "above": "below",
+    "below": "above",
+}
 
 
 def score(image, caption) -> dict:
@@ -227,19 +255,29 @@ def score(image, caption) -> dict:
         b = prompt.objects[1]
         second = [o for o in objects if (o.colour, o.shape) == (b.colour, b.shape)]
         out["object"] = bool(first) and bool(second)
-        out["relation"] = any(_relation_holds(x, y, prompt.relation)
-                              for x in first for y in second if x is not y)
+        out["relation"] = any(
+            _relation_holds(x, y, prompt.relation) for x in first for y in second if x is not y
+        )
         joint = out["relation"]
         # diagnostic, not an attribute: with both objects drawn, did the image put them the named way
         # round, the other way round, or in one row / column (neither)?
         if out["object"]:
-            reversed_ = any(_relation_holds(x, y, INVERSE[prompt.relation])
-                            for x in first for y in second if x is not y)
-            out["relation_order"] = "named" if out["relation"] else ("reversed" if reversed_ else "neither")
+            reversed_ = any(
+                _relation_holds(x, y, INVERSE[prompt.relation])
+                for x in first
+                for y in second
+                if x is not y
+            )
+            out["relation_order"] = (
+                "named" if out["relation"] else ("reversed" if reversed_ else "neither")
+            )
     elif prompt.kind == "count":
         out["object"] = bool(first)
         out["count"] = len(first) == prompt.count
-        out["count_named"], out["count_drawn"] = prompt.count, len(first)   # diagnostic: how many were drawn
+        out["count_named"], out["count_drawn"] = (
+            prompt.count,
+            len(first),
+        )  # diagnostic: how many were drawn
         joint = out["count"]
     else:
         out["object"] = bool(first)
@@ -256,7 +294,9 @@ def score(image, caption) -> dict:
             joint = joint and out["background"]
     out["correct"] = bool(joint and out["object"])
     out["detected_background"] = bg
-    out["detected"] = [dataclasses.asdict(o) | {"size": o.size, "cell": sw.CELLS[o.cell]} for o in objects]
+    out["detected"] = [
+        dataclasses.asdict(o) | {"size": o.size, "cell": sw.CELLS[o.cell]} for o in objects
+    ]
     return out
 
 
@@ -271,21 +311,31 @@ def _acc(results):
 def evaluate(images, captions, splits=None) -> dict:
     """Accuracy over prompts: overall, per scene kind, per split (held-out separately), per attribute."""
     if len(images) != len(captions) or (splits is not None and len(splits) != len(captions)):
-        raise ValueError(f"got {len(images)} images, {len(captions)} captions"
-                         + (f", {len(splits)} splits" if splits is not None else ""))
+        raise ValueError(
+            f"got {len(images)} images, {len(captions)} captions"
+            + (f", {len(splits)} splits" if splits is not None else "")
+        )
     prompts = [sw.parse_caption(c) for c in captions]  # every caption checked before any scoring
     results = [score(im, p) for im, p in zip(images, prompts)]
     splits = list(splits) if splits is not None else [None] * len(results)
     for r, sp in zip(results, splits):
         r["split"] = sp
-    report = {"overall": _acc(results),
-              "by_kind": {k: _acc([r for r in results if r["kind"] == k]) for k in sw.KINDS},
-              "by_split": {sp: _acc([r for r in results if r["split"] == sp])
-                           for sp in dict.fromkeys(s for s in splits if s is not None)},
-              "by_attribute": {}, "results": results}
+    report = {
+        "overall": _acc(results),
+        "by_kind": {k: _acc([r for r in results if r["kind"] == k]) for k in sw.KINDS},
+        "by_split": {
+            sp: _acc([r for r in results if r["split"] == sp])
+            for sp in dict.fromkeys(s for s in splits if s is not None)
+        },
+        "by_attribute": {},
+        "results": results,
+    }
     for a in ATTRIBUTES:
         vals = [r[a] for r in results if a in r]
-        report["by_attribute"][a] = {"n": len(vals), "accuracy": sum(vals) / len(vals) if vals else None}
+        report["by_attribute"][a] = {
+            "n": len(vals),
+            "accuracy": sum(vals) / len(vals) if vals else None,
+        }
     report["heldout"] = report["by_split"].get("heldout")
     report["diagnostics"] = diagnostics(results)
     return report
@@ -302,12 +352,21 @@ def diagnostics(results) -> dict:
         if "count_drawn" in r:
             drawn = counts.setdefault(str(r["count_named"]), {})
             drawn[str(r["count_drawn"])] = drawn.get(str(r["count_drawn"]), 0) + 1
-    return {"relation_order": {"both_drawn": len(order), **{k: order.count(k) for k in ("named", "reversed", "neither")}},
-            "count_drawn": {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in sorted(counts.items())}}
+    return {
+        "relation_order": {
+            "both_drawn": len(order),
+            **{k: order.count(k) for k in ("named", "reversed", "neither")},
+        },
+        "count_drawn": {
+            k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in sorted(counts.items())
+        },
+    }
 
 
 def format_report(report) -> str:
-    rows = [("overall", report["overall"])] + [(f"kind: {k}", v) for k, v in report["by_kind"].items()]
+    rows = [("overall", report["overall"])] + [
+        (f"kind: {k}", v) for k, v in report["by_kind"].items()
+    ]
     rows += [(f"split: {k}", v) for k, v in report["by_split"].items()]
     rows += [(f"attribute: {k}", v) for k, v in report["by_attribute"].items()]
     lines = [f"{'':24s} {'n':>6s} {'accuracy':>9s}"]
@@ -317,10 +376,14 @@ def format_report(report) -> str:
     diag = report.get("diagnostics") or {}
     order = diag.get("relation_order") or {}
     if order.get("both_drawn"):
-        lines.append(f"relations with both objects drawn: {order['both_drawn']} (named order {order['named']}, "
-                     f"reversed {order['reversed']}, same row / column {order['neither']})")
+        lines.append(
+            f"relations with both objects drawn: {order['both_drawn']} (named order {order['named']}, "
+            f"reversed {order['reversed']}, same row / column {order['neither']})"
+        )
     for want, drawn in (diag.get("count_drawn") or {}).items():
-        lines.append(f"count {want}: images holding " + ", ".join(f"{k}: {v}" for k, v in drawn.items()))
+        lines.append(
+            f"count {want}: images holding " + ", ".join(f"{k}: {v}" for k, v in drawn.items())
+        )
     return "\n".join(lines)
 
 
@@ -345,8 +408,10 @@ def read_folder(folder, resolution=None, shapes_world: bool = True):
                     rec = json.loads(line)
                     jsonl[rec["file"]] = (rec["caption"], rec.get("split"))
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{folder / 'captions.jsonl'} line {n}: expected "
-                                     f'{{"file": ..., "caption": ..., "split": ...}}: {e}') from None
+                    raise ValueError(
+                        f"{folder / 'captions.jsonl'} line {n}: expected "
+                        f'{{"file": ..., "caption": ..., "split": ...}}: {e}'
+                    ) from None
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -366,7 +431,9 @@ def read_folder(folder, resolution=None, shapes_world: bool = True):
         if caption is None and p.name in jsonl:
             caption, split = jsonl[p.name][0], split or jsonl[p.name][1]
         if caption is None:
-            problems.append(f"{p.name}: no caption (PNG text 'prompt', {p.stem}.txt or captions.jsonl)")
+            problems.append(
+                f"{p.name}: no caption (PNG text 'prompt', {p.stem}.txt or captions.jsonl)"
+            )
             continue
         try:
             if shapes_world:
@@ -375,7 +442,9 @@ def read_folder(folder, resolution=None, shapes_world: bool = True):
             problems.append(f"{p.name}: {e}")
             continue
         if rgb.width != rgb.height and resolution is None and shapes_world:
-            problems.append(f"{p.name}: not square ({rgb.width} x {rgb.height}); pass a resolution to resize")
+            problems.append(
+                f"{p.name}: not square ({rgb.width} x {rgb.height}); pass a resolution to resize"
+            )
             continue
         if resolution is not None and rgb.size != (resolution, resolution):
             rgb = rgb.resize((resolution, resolution), Image.Resampling.BOX)
@@ -384,8 +453,11 @@ def read_folder(folder, resolution=None, shapes_world: bool = True):
         splits.append(split)
     if problems:
         more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(f"{folder}: {len(problems)} of {len(files)} images can't be scored:\n"
-                         + "\n".join(problems[:10]) + more)
+        raise ValueError(
+            f"{folder}: {len(problems)} of {len(files)} images can't be scored:\n"
+            + "\n".join(problems[:10])
+            + more
+        )
     return images, captions, splits, [p.name for p in files]
 
 

@@ -6,6 +6,7 @@ dataclasses flow: the task, OptimConfig, LoopConfig, the mesh and the input pipe
 Multi-host: ``--coordinator-address HOST:PORT --num-processes N --process-id I`` (or the
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) start jax.distributed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,18 +20,43 @@ from pathlib import Path
 # keys that may change between a run and its resumption (the rest must match the checkpoints);
 # optim.total_steps with loop.steps extends a run: the learning-rate schedule is a function of the step,
 # so the resumed run follows the longer schedule from the step it resumes at
-RESUMABLE_KEYS = ("loop.steps", "loop.log_every", "loop.checkpoint_every", "loop.keep_checkpoints",
-                  "loop.async_checkpoints", "loop.sample_every", "optim.total_steps")
+RESUMABLE_KEYS = (
+    "loop.steps",
+    "loop.log_every",
+    "loop.checkpoint_every",
+    "loop.keep_checkpoints",
+    "loop.async_checkpoints",
+    "loop.sample_every",
+    "optim.total_steps",
+)
+
+
+def config_file(name: str) -> Path:
+    """A config file's path: ``name`` itself, else one of jaxdiff's configs (``configs/`` of a clone,
+    ``jaxdiff.configs`` of an installed wheel), named with or without the ``configs/`` prefix."""
+    if Path(name).is_file():
+        return Path(name)
+    spec = importlib.util.find_spec("jaxdiff.configs")
+    roots = [Path(r) for r in (spec.submodule_search_locations or [])] if spec else []
+    roots.append(Path(__file__).resolve().parents[2] / "configs")  # a clone (editable install)
+    rel = name.removeprefix("configs/")
+    for root in roots:
+        if (root / rel).is_file():
+            return root / rel
+    known = sorted({p.name for r in roots for p in r.glob("*.py") if p.name != "common.py"})
+    raise SystemExit(
+        f"jaxdiff train: config file {name} not found, neither a path nor one of jaxdiff's configs "
+        f"({', '.join(known)})"
+    )
 
 
 def load_config(spec: str):
     """``path.py[:arg]`` -> the locked ConfigDict of its get_config(arg)."""
-    path, _, arg = spec.partition(":")
-    if not Path(path).is_file():
-        raise SystemExit(f"jaxdiff train: config file {path} not found")
+    name, _, arg = spec.partition(":")
+    path = config_file(name)
     mod_spec = importlib.util.spec_from_file_location(f"jaxdiff_config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(mod_spec)
-    sys.path.insert(0, str(Path(path).resolve().parent))     # configs import their shared `common`
+    sys.path.insert(0, str(Path(path).resolve().parent))  # configs import their shared `common`
     try:
         mod_spec.loader.exec_module(module)
     finally:
@@ -57,7 +83,9 @@ def apply_overrides(config, overrides: list[str]):
             known = sorted(node.keys()) if hasattr(node, "keys") else []
             if part not in known:
                 where = ".".join(parts[:i]) or "the config"
-                raise SystemExit(f"jaxdiff train: unknown config key {key!r} ({where} has {', '.join(known)})")
+                raise SystemExit(
+                    f"jaxdiff train: unknown config key {key!r} ({where} has {', '.join(known)})"
+                )
             if i < len(parts) - 1:
                 node = node[part]
         old = node[parts[-1]]
@@ -66,7 +94,7 @@ def apply_overrides(config, overrides: list[str]):
         try:
             node[parts[-1]] = value
         except (TypeError, ValueError) as e:
-            raise SystemExit(f"jaxdiff train: --config.{key}={raw}: {e}")
+            raise SystemExit(f"jaxdiff train: --config.{key}={raw}: {e}") from None
     return config
 
 
@@ -74,23 +102,37 @@ def _dataclass(cls, values):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise SystemExit(f"jaxdiff train: unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}")
+        raise SystemExit(
+            f"jaxdiff train: unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}"
+        )
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _distributed(args):
     import jax
+
     addr = args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if args.distributed and not addr:
-        jax.distributed.initialize(initialization_timeout=args.init_timeout)   # auto-detected cluster
+        jax.distributed.initialize(
+            initialization_timeout=args.init_timeout
+        )  # auto-detected cluster
     elif addr:
         n = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
-        i = args.process_id if args.process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+        i = (
+            args.process_id
+            if args.process_id is not None
+            else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+        )
         if n < 1 or i < 0:
-            raise SystemExit("jaxdiff train: a coordinator address needs --num-processes and --process-id")
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes talk over gloo
-        jax.distributed.initialize(addr, num_processes=n, process_id=i,
-                                   initialization_timeout=args.init_timeout)
+            raise SystemExit(
+                "jaxdiff train: a coordinator address needs --num-processes and --process-id"
+            )
+        jax.config.update(
+            "jax_cpu_collectives_implementation", "gloo"
+        )  # CPU processes talk over gloo
+        jax.distributed.initialize(
+            addr, num_processes=n, process_id=i, initialization_timeout=args.init_timeout
+        )
 
 
 def build(config, mesh=None, rules=None, workdir=None):
@@ -106,24 +148,30 @@ def build(config, mesh=None, rules=None, workdir=None):
     from jaxdiff.convert.diffusers import COMPONENTS, UNET_EXTENSIONS
     from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer
     from jaxdiff.train import tasks
-    from jaxdiff.train.runs import RANDOM_TEXT
+    from jaxdiff.train.export import RANDOM_TEXT
+
     m = config.model
     sd = None
 
-    def clip_vocabulary():                # the CLIP vocabulary's folder, built locally by every process
-        return write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")) / "tokenizer")
+    def clip_vocabulary():  # the CLIP vocabulary's folder, built locally by every process
+        return write_clip_tokenizer(
+            Path(tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")) / "tokenizer"
+        )
 
     if config.task == "vae" and m.model_dir:
         # fine-tune a VAE: from a VAE run, an exported AutoencoderKL folder or a diffusers folder's vae/
-        from jaxdiff.eval.vae import load_vae
+        from jaxdiff.convert.runs import load_vae
+
         try:
             vcfg, init = load_vae(m.model_dir)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"jaxdiff train: model.model_dir: {e}") from None
-        return tasks.vae_task(_dataclass(tasks.VAEConfigTrain, dict(config.vae)), vcfg, init_params=init), \
-            Tokenizer(clip_vocabulary())
+        return tasks.vae_task(
+            _dataclass(tasks.VAEConfigTrain, dict(config.vae)), vcfg, init_params=init
+        ), Tokenizer(clip_vocabulary())
     if m.model_dir:
-        from jaxdiff.pretrained import load_pretrained
+        from jaxdiff.convert.pretrained import load_pretrained
+
         sd = load_pretrained(m.model_dir)
         tok, tok_folder = sd.tokenizer, Path(m.model_dir) / "tokenizer"
     else:
@@ -131,61 +179,90 @@ def build(config, mesh=None, rules=None, workdir=None):
         tok = Tokenizer(tok_folder)
 
     def preset(kind, name):
-        from jaxdiff import text, unet, vae
+        from jaxdiff.models import text, unet, vae
+
         table = {"unet": unet, "vae": vae, "text_encoder": text}[kind].PRESETS
         if name not in table:
             hint = " (set model.text_encoder to a CLIP)" if kind == "text_encoder" else ""
-            raise SystemExit(f"jaxdiff train: model.preset {name!r} has no {kind} preset{hint}; "
-                             f"{kind} presets: {sorted(table)}")
+            raise SystemExit(
+                f"jaxdiff train: model.preset {name!r} has no {kind} preset{hint}; "
+                f"{kind} presets: {sorted(table)}"
+            )
         cfg = table[name]
         if kind == "text_encoder":
-            cfg = dataclasses.replace(cfg, vocab_size=49408)             # the real CLIP vocabulary
+            cfg = dataclasses.replace(cfg, vocab_size=49408)  # the real CLIP vocabulary
         return cfg
 
     def random_params(kind, cfg, seed):
-        module = COMPONENTS[kind].module(cfg)        # one jitted init: eagerly, each op compiles on its own
+        module = COMPONENTS[kind].module(
+            cfg
+        )  # one jitted init: eagerly, each op compiles on its own
         init = jax.jit(lambda key, *x: nn.unbox(module.init(key, *x)["params"]))
         return init(jax.random.key(seed), *COMPONENTS[kind].dummy_inputs(cfg))
 
     if config.task == "vae":
         vcfg = sd.vae_config if sd else preset("vae", m.preset)
-        return tasks.vae_task(_dataclass(tasks.VAEConfigTrain, dict(config.vae)), vcfg,
-                              init_params=sd.params["vae"] if sd else None), tok
+        return tasks.vae_task(
+            _dataclass(tasks.VAEConfigTrain, dict(config.vae)),
+            vcfg,
+            init_params=sd.params["vae"] if sd else None,
+        ), tok
     if config.task != "ldm":
         raise SystemExit(f"jaxdiff train: unknown task {config.task!r} (known: clip, ldm, vae)")
     if sd:
         ucfg, vcfg, tcfg = sd.unet_config, sd.vae_config, sd.text_config
         frozen = {"vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
         init = sd.params["unet"]
-        if m.get("unet_preset"):                  # grow model_dir's UNet into a deeper preset
-            from jaxdiff.unet import grow_params
+        if m.get("unet_preset"):  # grow model_dir's UNet into a deeper preset
+            from jaxdiff.models.unet import grow_params
+
             grown_cfg = preset("unet", m.unet_preset)
             try:
-                init, copied, fresh = grow_params(init, ucfg, random_params("unet", grown_cfg, 4), grown_cfg)
+                init, copied, fresh = grow_params(
+                    init, ucfg, random_params("unet", grown_cfg, 4), grown_cfg
+                )
             except ValueError as e:
-                raise SystemExit(f"jaxdiff train: model.unet_preset={m.unet_preset!r}: {e}") from None
+                raise SystemExit(
+                    f"jaxdiff train: model.unet_preset={m.unet_preset!r}: {e}"
+                ) from None
             ucfg = grown_cfg
-            print(f"UNet: {m.model_dir}'s grown into the {m.unet_preset!r} preset ({copied} tensors copied, "
-                  f"{fresh} new)", flush=True)
-        for field, _, what, unit in UNET_EXTENSIONS:              # add (or resize) jaxdiff's UNet extensions
+            print(
+                f"UNet: {m.model_dir}'s grown into the {m.unet_preset!r} preset ({copied} tensors copied, "
+                f"{fresh} new)",
+                flush=True,
+            )
+        for field, _, what, unit in UNET_EXTENSIONS:  # add (or resize) jaxdiff's UNet extensions
             value = m.get(f"unet_{field}", None)
             if value is not None and value != getattr(ucfg, field):
-                from jaxdiff.unet import grow_params
+                from jaxdiff.models.unet import grow_params
+
                 new_cfg = _with_unet(ucfg, field, value)
-                init, copied, fresh = grow_params(init, ucfg, random_params("unet", new_cfg, 4), new_cfg)
+                init, copied, fresh = grow_params(
+                    init, ucfg, random_params("unet", new_cfg, 4), new_cfg
+                )
                 ucfg = new_cfg
                 print(f"UNet: {what} of {value} {unit} ({fresh} new tensors)", flush=True)
         heads = m.get("unet_text_pooling", None)
         if heads is not None and heads != _text_pooling_heads(ucfg):
-            from jaxdiff.unet import grow_params
+            from jaxdiff.models.unet import grow_params
+
             new_cfg = _with_text_pooling(ucfg, heads)
-            init, copied, fresh = grow_params(init, ucfg, random_params("unet", new_cfg, 4), new_cfg)
+            init, copied, fresh = grow_params(
+                init, ucfg, random_params("unet", new_cfg, 4), new_cfg
+            )
             if "add_embedding" in init and "add_embedding" not in sd.params["unet"]:
                 # the new pooled-text branch adds exactly zero to the time embedding until it trains
-                init["add_embedding"]["norm2"] = jax.tree.map(jax.numpy.zeros_like, init["add_embedding"]["norm2"])
+                init["add_embedding"]["norm2"] = jax.tree.map(
+                    jax.numpy.zeros_like, init["add_embedding"]["norm2"]
+                )
             ucfg = new_cfg
-            print(f"UNet: pooled text added to the time embedding, {heads} heads ({fresh} new tensors, "
-                  "the branch zero at the start)" if heads else "UNet: pooled text removed", flush=True)
+            print(
+                f"UNet: pooled text added to the time embedding, {heads} heads ({fresh} new tensors, "
+                "the branch zero at the start)"
+                if heads
+                else "UNet: pooled text removed",
+                flush=True,
+            )
     else:
         ucfg, vcfg = preset("unet", m.preset), preset("vae", m.preset)
         for field, *_ in UNET_EXTENSIONS:
@@ -198,54 +275,91 @@ def build(config, mesh=None, rules=None, workdir=None):
             tcfg = preset("text_encoder", m.preset)
             frozen["text_encoder"] = random_params("text_encoder", tcfg, 2)
         init = None
-    if m.get("text_encoder") == RANDOM_TEXT:       # a fresh tower trained with the UNet (GLIDE)
+    if m.get("text_encoder") == RANDOM_TEXT:  # a fresh tower trained with the UNet (GLIDE)
         if not config.ldm.get("train_text_encoder"):
-            raise SystemExit("jaxdiff train: model.text_encoder='random' needs ldm.train_text_encoder=True "
-                             "(a frozen random text encoder says nothing about the prompt)")
+            raise SystemExit(
+                "jaxdiff train: model.text_encoder='random' needs ldm.train_text_encoder=True "
+                "(a frozen random text encoder says nothing about the prompt)"
+            )
         if sd is None:
             tcfg = preset("text_encoder", m.preset)
         frozen["text_encoder"] = random_params("text_encoder", tcfg, 3)
-        print(f"text encoder: a new random tower ({tcfg.num_hidden_layers} layers, width {tcfg.hidden_size}), "
-              "trained with the UNet", flush=True)
-    elif m.get("text_encoder"):                   # a CLIP's text tower, frozen, as SD uses OpenAI's CLIP
-        from jaxdiff import clip as clip_lib
-        from jaxdiff.eval.clip import load as load_clip_model
-        clip_model = load_clip_model(m.text_encoder)
-        tcfg, frozen["text_encoder"] = clip_lib.text_encoder(clip_model.config, clip_model.params)
-        tok, tok_folder = clip_model.tokenizer, clip_model.tokenizer_folder
+        print(
+            f"text encoder: a new random tower ({tcfg.num_hidden_layers} layers, width {tcfg.hidden_size}), "
+            "trained with the UNet",
+            flush=True,
+        )
+    elif m.get("text_encoder"):  # a CLIP's text tower, frozen, as SD uses OpenAI's CLIP
+        from jaxdiff.convert.runs import load_clip
+        from jaxdiff.models import clip as clip_lib
+
+        ccfg, cparams, tok_folder = load_clip(m.text_encoder)
+        tcfg, frozen["text_encoder"] = clip_lib.text_encoder(ccfg, cparams)
+        tok = Tokenizer(tok_folder, max_length=ccfg.text.max_position_embeddings)
         how = "trained with the UNet from" if config.ldm.get("train_text_encoder") else "frozen:"
         print(f"text encoder: {how} the text tower of {m.text_encoder}", flush=True)
     if tcfg.hidden_size != ucfg.cross_attention_dim:
-        raise SystemExit(f"jaxdiff train: the text encoder's width {tcfg.hidden_size} differs from the UNet's "
-                         f"cross_attention_dim {ucfg.cross_attention_dim} (model.preset={m.preset!r})")
-    if m.get("vae_workdir"):          # a `jaxdiff train` VAE run (configs/vae_*.py) or an exported vae/ folder
-        from jaxdiff.eval.vae import load_vae
+        raise SystemExit(
+            f"jaxdiff train: the text encoder's width {tcfg.hidden_size} differs from the UNet's "
+            f"cross_attention_dim {ucfg.cross_attention_dim} (model.preset={m.preset!r})"
+        )
+    if m.get(
+        "vae_workdir"
+    ):  # a `jaxdiff train` VAE run (configs/vae_*.py) or an exported vae/ folder
+        from jaxdiff.convert.runs import load_vae
+
         try:
             vae_cfg, vae_params = load_vae(m.vae_workdir)
         except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"jaxdiff train: model.vae_workdir: {e}")
+            raise SystemExit(f"jaxdiff train: model.vae_workdir: {e}") from None
         shapes = jax.tree.map(lambda x: x.shape, frozen["vae"])
         if jax.tree.map(lambda x: x.shape, vae_params) != shapes:
-            raise SystemExit(f"jaxdiff train: the VAE in {m.vae_workdir} does not match model.preset={m.preset!r}")
+            raise SystemExit(
+                f"jaxdiff train: the VAE in {m.vae_workdir} does not match model.preset={m.preset!r}"
+            )
         frozen["vae"] = vae_params
         vcfg = dataclasses.replace(vcfg, scaling_factor=vae_cfg.scaling_factor)
         print(f"frozen VAE: {m.vae_workdir}", flush=True)
     if m.get("scaling_factor", None) is not None and not sd:
         factor = m.scaling_factor
-        if factor == 0:                           # 1 / std of the training latents, as SD 1's 0.18215 was chosen
-            from jaxdiff.train.runs import latent_scaling_factor
-            factor = latent_scaling_factor(vcfg, frozen["vae"], config.data.source, config.data.resolution)
-            print(f"latent scaling factor: {factor:.5f} (1 / std of 1,024 training latents)", flush=True)
+        if factor == 0:  # 1 / std of the training latents, as SD 1's 0.18215 was chosen
+            from jaxdiff.train.export import latent_scaling_factor
+
+            factor = latent_scaling_factor(
+                vcfg, frozen["vae"], config.data.source, config.data.resolution
+            )
+            print(
+                f"latent scaling factor: {factor:.5f} (1 / std of 1,024 training latents)",
+                flush=True,
+            )
         vcfg = dataclasses.replace(vcfg, scaling_factor=float(factor))
     ldm = _dataclass(tasks.LDMConfig, dict(config.ldm))
     if workdir is not None and jax.process_index() == 0:
-        from jaxdiff.train.runs import write_ldm_record
-        write_ldm_record(workdir, ucfg, vcfg, tcfg, ldm, tok_folder, text_encoder=m.get("text_encoder", ""),
-                         vae_workdir=m.get("vae_workdir", ""), model_dir=m.get("model_dir", ""))
+        from jaxdiff.train.export import write_ldm_record
+
+        write_ldm_record(
+            workdir,
+            ucfg,
+            vcfg,
+            tcfg,
+            ldm,
+            tok_folder,
+            text_encoder=m.get("text_encoder", ""),
+            vae_workdir=m.get("vae_workdir", ""),
+            model_dir=m.get("model_dir", ""),
+        )
     prompts = list(config.get("sample_prompts", ())) or None
-    return tasks.ldm_task(ldm, ucfg, vcfg, tcfg, frozen, tok("")[0], init_params=init,
-                          sample_ids=tok(prompts) if prompts else None,
-                          sample_resolution=config.data.resolution), tok
+    return tasks.ldm_task(
+        ldm,
+        ucfg,
+        vcfg,
+        tcfg,
+        frozen,
+        tok("")[0],
+        init_params=init,
+        sample_ids=tok(prompts) if prompts else None,
+        sample_resolution=config.data.resolution,
+    ), tok
 
 
 def _with_unet(ucfg, field, value):
@@ -264,13 +378,20 @@ def _with_text_pooling(ucfg, heads):
     """``ucfg`` with DeepFloyd IF's pooled text added to the time embedding (``addition_embed_type="text"``,
     ``heads`` attention-pooling heads; 0 removes it), from ``model.unet_text_pooling``."""
     if ucfg.addition_embed_type not in (None, "text"):
-        raise SystemExit(f"jaxdiff train: model.unet_text_pooling: the UNet already adds "
-                         f"{ucfg.addition_embed_type!r} to its time embedding")
+        raise SystemExit(
+            f"jaxdiff train: model.unet_text_pooling: the UNet already adds "
+            f"{ucfg.addition_embed_type!r} to its time embedding"
+        )
     if not isinstance(heads, int) or heads < 0:
-        raise SystemExit(f"jaxdiff train: model.unet_text_pooling={heads!r}: expected a number of heads >= 0")
+        raise SystemExit(
+            f"jaxdiff train: model.unet_text_pooling={heads!r}: expected a number of heads >= 0"
+        )
     try:
-        return dataclasses.replace(ucfg, addition_embed_type="text" if heads else None,
-                                   addition_embed_type_num_heads=heads or 64)
+        return dataclasses.replace(
+            ucfg,
+            addition_embed_type="text" if heads else None,
+            addition_embed_type_num_heads=heads or 64,
+        )
     except ValueError as e:
         raise SystemExit(f"jaxdiff train: model.unet_text_pooling={heads!r}: {e}") from None
 
@@ -279,14 +400,21 @@ def clip_tokenizer(kind: str, folder, max_length: int):
     """The tokenizer a CLIP config names, written to ``folder``: ``shapes`` (the shapes world's
     644-token vocabulary), ``clip`` (OpenAI's 49,408 tokens), or a tokenizer folder's path."""
     from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer, write_small_clip_tokenizer
+
     if kind == "shapes":
         from jaxdiff.data.shapes_world import vocabulary
-        return Tokenizer(write_small_clip_tokenizer(folder, vocabulary(), max_length=max_length), max_length)
+
+        return Tokenizer(
+            write_small_clip_tokenizer(folder, vocabulary(), max_length=max_length), max_length
+        )
     if kind == "clip":
         return Tokenizer(write_clip_tokenizer(folder, max_length=max_length), max_length)
     if not Path(kind).is_dir():
-        raise SystemExit(f"jaxdiff train: model.tokenizer {kind!r}: expected shapes, clip or a tokenizer folder")
+        raise SystemExit(
+            f"jaxdiff train: model.tokenizer {kind!r}: expected shapes, clip or a tokenizer folder"
+        )
     import shutil
+
     shutil.copytree(kind, folder, dirs_exist_ok=True)
     return Tokenizer(folder, max_length)
 
@@ -299,98 +427,174 @@ def _build_clip(config, mesh, rules, workdir):
 
     import jax
 
-    from jaxdiff import clip as clip_lib
+    from jaxdiff.models import clip as clip_lib
     from jaxdiff.train import tasks
+
     m, init = config.model, None
     if m.get("model_dir"):
         from jaxdiff.convert.clip import load_clip
+
         ccfg, init = load_clip(m.model_dir)
     elif m.preset in clip_lib.PRESETS:
         ccfg = clip_lib.PRESETS[m.preset]
     else:
-        raise SystemExit(f"jaxdiff train: model.preset {m.preset!r}: choose one of {sorted(clip_lib.PRESETS)}")
+        raise SystemExit(
+            f"jaxdiff train: model.preset {m.preset!r}: choose one of {sorted(clip_lib.PRESETS)}"
+        )
     train_cfg = _dataclass(tasks.CLIPConfigTrain, dict(config.clip))
-    if train_cfg.loss == "sigmoid" and ccfg.logit_bias_init is None:     # SigLIP's initialisation
+    if train_cfg.loss == "sigmoid" and ccfg.logit_bias_init is None:  # SigLIP's initialisation
         ccfg = dataclasses.replace(ccfg, logit_scale_init=math.log(10.0), logit_bias_init=-10.0)
     if config.data.resolution != ccfg.vision.image_size:
-        raise SystemExit(f"jaxdiff train: data.resolution {config.data.resolution} differs from the vision tower's "
-                         f"image_size {ccfg.vision.image_size}")
+        raise SystemExit(
+            f"jaxdiff train: data.resolution {config.data.resolution} differs from the vision tower's "
+            f"image_size {ccfg.vision.image_size}"
+        )
     n = ccfg.text.max_position_embeddings
     here = Path(tempfile.mkdtemp(prefix="jaxdiff-tokenizer-")) / "tokenizer"
     tok = clip_tokenizer(m.tokenizer, here, n)
-    if init is None and len(tok._tok) <= ccfg.text.vocab_size:       # from scratch: the tokenizer's own ids
-        ccfg = dataclasses.replace(ccfg, text=dataclasses.replace(
-            ccfg.text, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id))
-    if len(tok._tok) > ccfg.text.vocab_size or tok.eos_id != ccfg.text.eos_token_id and ccfg.text.eos_token_id != 2:
-        raise SystemExit(f"jaxdiff train: tokenizer {m.tokenizer!r} ({len(tok._tok)} tokens, EOS {tok.eos_id}) does "
-                         f"not fit the text tower (vocab {ccfg.text.vocab_size}, EOS {ccfg.text.eos_token_id})")
-    if workdir is not None and jax.process_index() == 0:      # the run's model is usable on its own
+    if (
+        init is None and len(tok._tok) <= ccfg.text.vocab_size
+    ):  # from scratch: the tokenizer's own ids
+        ccfg = dataclasses.replace(
+            ccfg,
+            text=dataclasses.replace(
+                ccfg.text, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id
+            ),
+        )
+    if (
+        len(tok._tok) > ccfg.text.vocab_size
+        or tok.eos_id != ccfg.text.eos_token_id
+        and ccfg.text.eos_token_id != 2
+    ):
+        raise SystemExit(
+            f"jaxdiff train: tokenizer {m.tokenizer!r} ({len(tok._tok)} tokens, EOS {tok.eos_id}) does "
+            f"not fit the text tower (vocab {ccfg.text.vocab_size}, EOS {ccfg.text.eos_token_id})"
+        )
+    if workdir is not None and jax.process_index() == 0:  # the run's model is usable on its own
         import json
         import shutil
+
         shutil.copytree(here, Path(workdir) / "tokenizer", dirs_exist_ok=True)
-        (Path(workdir) / "clip.json").write_text(json.dumps(clip_lib.config_to_dict(ccfg), indent=1))
+        (Path(workdir) / "clip.json").write_text(
+            json.dumps(clip_lib.config_to_dict(ccfg), indent=1)
+        )
     return tasks.clip_task(train_cfg, ccfg, mesh=mesh, rules=rules, init_params=init), tok
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="jaxdiff train", description="Train a model with jaxdiff's one loop.")
+    ap = argparse.ArgumentParser(
+        prog="jaxdiff train", description="Train a model with jaxdiff's one loop."
+    )
     ap.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
-    ap.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs, config and versions go here")
-    ap.add_argument("--overwrite", action="store_true", help="replace another run's checkpoints in --workdir")
+    ap.add_argument(
+        "--workdir",
+        required=True,
+        help="checkpoints, TensorBoard logs, config and versions go here",
+    )
+    ap.add_argument(
+        "--overwrite", action="store_true", help="replace another run's checkpoints in --workdir"
+    )
     ap.add_argument("--coordinator-address", default=None)
     ap.add_argument("--num-processes", type=int, default=None)
     ap.add_argument("--process-id", type=int, default=None)
-    ap.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for the other processes")
-    ap.add_argument("--distributed", action="store_true",
-                    help="start jax.distributed with the cluster's own settings (TPU pod, SLURM ...)")
+    ap.add_argument(
+        "--init-timeout", type=int, default=300, help="seconds to wait for the other processes"
+    )
+    ap.add_argument(
+        "--distributed",
+        action="store_true",
+        help="start jax.distributed with the cluster's own settings (TPU pod, SLURM ...)",
+    )
     known = [a for a in argv if not a.startswith("--config.")]
-    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    overrides = [a[len("--config.") :] for a in argv if a.startswith("--config.")]
     args = ap.parse_args(known)
     config = apply_overrides(load_config(args.config), overrides)
     _distributed(args)
 
     import jax
+    from etils import epath
 
     from jaxdiff import sharding as sh
     from jaxdiff.data import pipeline as pl
     from jaxdiff.train import loop
     from jaxdiff.train.metrics import MetricWriter, json_safe, write_run_info
     from jaxdiff.train.optim import OptimConfig
-    from etils import epath
+
     workdir = epath.Path(args.workdir)
     # logs, samples, config.json and versions.json: the workdir, or ./logs/NAME for a bucket workdir
     logdir = Path(args.workdir) if "://" not in args.workdir else Path("logs") / workdir.name
     optim = _dataclass(OptimConfig, dict(config.optim))
     loop_cfg = _dataclass(loop.LoopConfig, dict(config.loop))
     if config.mesh.rules not in sh.RULE_SETS:
-        raise SystemExit(f"jaxdiff train: mesh.rules {config.mesh.rules!r}: choose one of {sorted(sh.RULE_SETS)}")
+        raise SystemExit(
+            f"jaxdiff train: mesh.rules {config.mesh.rules!r}: choose one of {sorted(sh.RULE_SETS)}"
+        )
     rules = sh.RULE_SETS[config.mesh.rules]
     mesh = sh.make_mesh(tuple(config.mesh.shape))
-    if config.task == "ldm" and config.ldm.get("stable_target") and pl.renders_per_caption(config.data.source) < 2:
-        raise SystemExit(f"jaxdiff train: ldm.stable_target averages the targets of several renders of one caption "
-                         f"in a batch, and data.source {config.data.source!r} has one per caption: use "
-                         "shapes_world_memory:N:...,renders=K (K >= 2)")
-    if config.task == "ldm" and config.ldm.get("text_token_loss") and not config.ldm.get("train_text_encoder"):
-        raise SystemExit(f"jaxdiff train: ldm.text_token_loss={config.ldm.text_token_loss} trains the text encoder's "
-                         "states: set ldm.train_text_encoder=True (or the loss to 0)")
+    if (
+        config.task == "ldm"
+        and config.ldm.get("stable_target")
+        and pl.renders_per_caption(config.data.source) < 2
+    ):
+        raise SystemExit(
+            f"jaxdiff train: ldm.stable_target averages the targets of several renders of one caption "
+            f"in a batch, and data.source {config.data.source!r} has one per caption: use "
+            "shapes_world_memory:N:...,renders=K (K >= 2)"
+        )
+    if (
+        config.task == "ldm"
+        and config.ldm.get("text_token_loss")
+        and not config.ldm.get("train_text_encoder")
+    ):
+        raise SystemExit(
+            f"jaxdiff train: ldm.text_token_loss={config.ldm.text_token_loss} trains the text encoder's "
+            "states: set ldm.train_text_encoder=True (or the loss to 0)"
+        )
     source = pl.open_source(config.data.source, resolution=config.data.resolution)
-    fingerprint = {k: v for k, v in _flatten(json_safe(config.to_dict())).items() if k not in RESUMABLE_KEYS}
+    fingerprint = {
+        k: v for k, v in _flatten(json_safe(config.to_dict())).items() if k not in RESUMABLE_KEYS
+    }
     workdir.mkdir(parents=True, exist_ok=True)
     logdir.mkdir(parents=True, exist_ok=True)
     task, tok = build(config, mesh, rules, logdir)
-    pipe = pl.make_pipeline(source, pl.PipelineConfig(resolution=config.data.resolution,
-                                                      global_batch=config.data.global_batch, seed=config.data.seed),
-                            tokenizer=tok)
-    write_run_info(logdir, config, is_main=jax.process_index() == 0,
-                   extra={"mesh": dict(mesh.shape), "devices": jax.device_count(), "workdir": str(workdir)})
-    with MetricWriter(logdir, is_main=jax.process_index() == 0, total_steps=loop_cfg.steps) as writer:
-        state = loop.train(task, optim, loop_cfg, mesh, rules, workdir, iter(pipe.dataset),
-                           lambda b: pl.to_global(b, mesh, rules), fingerprint=fingerprint, resumable=RESUMABLE_KEYS,
-                           overwrite=args.overwrite, writer=writer,
-                           examples_per_step=config.data.global_batch)
-        writer.log(f"done: step {int(state.step)}, checkpoints in {workdir / 'checkpoints'}, "
-                   f"TensorBoard logs in {logdir / 'tensorboard'}")
+    pipe = pl.make_pipeline(
+        source,
+        pl.PipelineConfig(
+            resolution=config.data.resolution,
+            global_batch=config.data.global_batch,
+            seed=config.data.seed,
+        ),
+        tokenizer=tok,
+    )
+    write_run_info(
+        logdir,
+        config,
+        is_main=jax.process_index() == 0,
+        extra={"mesh": dict(mesh.shape), "devices": jax.device_count(), "workdir": str(workdir)},
+    )
+    with MetricWriter(
+        logdir, is_main=jax.process_index() == 0, total_steps=loop_cfg.steps
+    ) as writer:
+        state = loop.train(
+            task,
+            optim,
+            loop_cfg,
+            mesh,
+            rules,
+            workdir,
+            iter(pipe.dataset),
+            lambda b: pl.to_global(b, mesh, rules),
+            fingerprint=fingerprint,
+            resumable=RESUMABLE_KEYS,
+            overwrite=args.overwrite,
+            writer=writer,
+            examples_per_step=config.data.global_batch,
+        )
+        writer.log(
+            f"done: step {int(state.step)}, checkpoints in {workdir / 'checkpoints'}, "
+            f"TensorBoard logs in {logdir / 'tensorboard'}"
+        )
 
 
 def _flatten(d, prefix=""):

@@ -4,6 +4,7 @@ Every model trains through ``train(task, ...)``; a task only supplies its init a
 owns the mesh placement, the step, the data iterator's position, checkpoints (async, keep K, the
 iterator state saved beside the train state), the non-finite-step guard, SIGTERM handling and logs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,28 +12,36 @@ import json
 import os
 import signal
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxdiff.train.optim import OptimConfig
-from jaxdiff.train.step import Task, TrainState, abstract_with_shardings, init_state, make_train_step
+from jaxdiff.train.step import (
+    Task,
+    TrainState,
+    abstract_with_shardings,
+    init_state,
+    make_train_step,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    steps: int = 1000                # total train steps (micro-batches when accumulating)
+    steps: int = 1000  # total train steps (micro-batches when accumulating)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
-    max_bad_steps: int = 5           # stop after this many non-finite steps in a row
-    sample_every: int = 0            # > 0: a sample image grid (the task's `sample`) to TensorBoard
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    sample_every: int = 0  # > 0: a sample image grid (the task's `sample`) to TensorBoard
 
 
 class TrainingError(RuntimeError):
@@ -49,7 +58,7 @@ class _Preemption:
     def __enter__(self):
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:           # not the main thread: no handler, nothing to restore
+        except ValueError:  # not the main thread: no handler, nothing to restore
             self._old = None
         return self
 
@@ -69,12 +78,19 @@ def check_workdir(workdir, fingerprint: dict, overwrite: bool = False, resumable
     workdir = epath.Path(workdir)
     ckpt, run = workdir / "checkpoints", workdir / "run.json"
     has_ckpt = ckpt.exists() and any(ckpt.iterdir())
-    saved = ({k: v for k, v in json.loads(run.read_text()).items() if k not in resumable}
-             if has_ckpt and run.exists() else None)
+    saved = (
+        {k: v for k, v in json.loads(run.read_text()).items() if k not in resumable}
+        if has_ckpt and run.exists()
+        else None
+    )
     if saved is not None and saved != fingerprint and not overwrite:
-        diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-        raise TrainingError(f"{workdir} holds checkpoints of another run (differs in {diff}); use another "
-                            "--workdir, or --overwrite to start this one there")
+        diff = sorted(
+            k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k)
+        )
+        raise TrainingError(
+            f"{workdir} holds checkpoints of another run (differs in {diff}); use another "
+            "--workdir, or --overwrite to start this one there"
+        )
     if has_ckpt and overwrite and saved != fingerprint:
         if jax.process_index() == 0:
             ckpt.rmtree()
@@ -92,24 +108,44 @@ def _single_process_array_writes():
     writing (each replica writes a slice, for hosts to share the work) only cuts each array into one eager
     slice per device: one XLA compile per slice shape and a dispatch per piece (25 s of a 90 s smoke run on 8
     CPU devices). One process writes each shard once instead; several processes keep orbax's default."""
-    if jax.process_count() == 1 and getattr(ocp.type_handlers.get_type_handler(jax.Array),
-                                            "_use_replica_parallel", False):
-        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                                override=True)
+    if jax.process_count() == 1 and getattr(
+        ocp.type_handlers.get_type_handler(jax.Array), "_use_replica_parallel", False
+    ):
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+        )
 
 
 def _manager(workdir, cfg: LoopConfig) -> ocp.CheckpointManager:
     _single_process_array_writes()
-    opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every,
-                                        enable_async_checkpointing=cfg.async_checkpoints, create=True)
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_checkpoints,
+        save_interval_steps=cfg.checkpoint_every,
+        enable_async_checkpointing=cfg.async_checkpoints,
+        create=True,
+    )
     ckpt = workdir / "checkpoints"
     ckpt = ckpt if "://" in str(workdir) else epath.Path(os.path.abspath(ckpt))
     return ocp.CheckpointManager(ckpt, options=opts, item_names=("state", "data"))
 
 
-def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, workdir, batches: Iterator,
-          to_global, *, fingerprint: dict | None = None, resumable=(), overwrite: bool = False, writer: Any = None,
-          on_step=None, examples_per_step: int | None = None) -> TrainState:
+def train(
+    task: Task,
+    optim: OptimConfig,
+    cfg: LoopConfig,
+    mesh: Mesh,
+    rules,
+    workdir,
+    batches: Iterator,
+    to_global,
+    *,
+    fingerprint: dict | None = None,
+    resumable=(),
+    overwrite: bool = False,
+    writer: Any = None,
+    on_step=None,
+    examples_per_step: int | None = None,
+) -> TrainState:
     """Train ``task`` for ``cfg.steps`` steps; resume from workdir's latest checkpoint if it has one.
 
     batches: a host-batch iterator with get_state()/set_state() (grain's DatasetIterator).
@@ -125,9 +161,13 @@ def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, wo
     mngr = _manager(workdir, cfg)
     if resume and mngr.latest_step() is not None:
         step0 = mngr.latest_step()
-        restored = mngr.restore(step0, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_with_shardings(state, shardings)),
-            data=ocp.args.JsonRestore()))
+        restored = mngr.restore(
+            step0,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_with_shardings(state, shardings)),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
         state = restored["state"]
         batches.set_state(restored["data"])
         _log(writer, f"resumed from step {step0} in {workdir / 'checkpoints'}")
@@ -145,9 +185,11 @@ def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, wo
                 state, metrics = train_step(state, frozen, batch)
                 step += 1
                 if int(state.bad_steps) >= cfg.max_bad_steps:
-                    raise TrainingError(f"{cfg.max_bad_steps} non-finite steps in a row (loss or gradients "
-                                        f"NaN/Inf) up to step {step}; stopping. Lower the learning rate or "
-                                        "check the data; the last good checkpoint is kept")
+                    raise TrainingError(
+                        f"{cfg.max_bad_steps} non-finite steps in a row (loss or gradients "
+                        f"NaN/Inf) up to step {step}; stopping. Lower the learning rate or "
+                        "check the data; the last good checkpoint is kept"
+                    )
                 if on_step is not None:
                     on_step(step, state, metrics)
                 if step % cfg.log_every == 0 or step == cfg.steps:
@@ -158,17 +200,28 @@ def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, wo
                     _scalars(writer, step, m)
                     if writer is not None:
                         writer.update_progress(step, loss=m["loss"], examples=examples_per_step)
-                if cfg.sample_every and task.sample is not None and writer is not None and (
-                        step % cfg.sample_every == 0 or step == cfg.steps):
+                if (
+                    cfg.sample_every
+                    and task.sample is not None
+                    and writer is not None
+                    and (step % cfg.sample_every == 0 or step == cfg.steps)
+                ):
                     if sampler is None:
                         sampler = jax.jit(task.sample, out_shardings=rep)
-                    key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000_019)     # the same noise every time
-                    images = sampler(state.ema if state.ema is not None else state.params, frozen, key)
+                    key = jax.random.fold_in(
+                        jax.random.key(cfg.seed), 10_000_019
+                    )  # the same noise every time
+                    images = sampler(
+                        state.ema if state.ema is not None else state.params, frozen, key
+                    )
                     writer.write_images(step, {"samples": np.asarray(images)})
                 if _stop_requested(preempt, step):
                     _save(mngr, step, state, batches, force=True)
                     mngr.wait_until_finished()
-                    _log(writer, f"SIGTERM: saved step {step} and stopped; run the same command to resume")
+                    _log(
+                        writer,
+                        f"SIGTERM: saved step {step} and stopped; run the same command to resume",
+                    )
                     return state
                 _save(mngr, step, state, batches, force=step == cfg.steps)
     finally:
@@ -177,36 +230,26 @@ def train(task: Task, optim: OptimConfig, cfg: LoopConfig, mesh: Mesh, rules, wo
     return state
 
 
-def load_run_params(workdir, *, prefer_ema: bool = True):
-    """The params (or their EMA) of a run's newest checkpoint, as saved; e.g. a trained VAE for an LDM."""
-    ckpt = epath.Path(workdir) / "checkpoints"
-    ckpt = ckpt if "://" in str(workdir) else epath.Path(os.path.abspath(ckpt))
-    if not ckpt.exists():
-        raise TrainingError(f"{workdir}: no checkpoints folder (is it a `jaxdiff train` workdir?)")
-    mngr = ocp.CheckpointManager(ckpt, item_names=("state", "data"))
-    step = mngr.latest_step()
-    if step is None:
-        raise TrainingError(f"{workdir}: no finished checkpoint")
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    mngr.close()
-    params = state["ema"] if prefer_ema and state.get("ema") is not None else state["params"]
-    return params, step
-
-
 def _stop_requested(preempt, step) -> bool:
     """One process: our SIGTERM flag. Several: JAX's preemption service (started by
     jax.distributed.initialize) makes every process agree on the same step to stop at."""
     if jax.process_count() == 1:
         return preempt.requested
     from jax.experimental import multihost_utils
+
     return bool(multihost_utils.reached_preemption_sync_point(step))
 
 
 def _save(mngr, step, state, batches, force=False):
     if force or mngr.should_save(step):
-        data = json.loads(json.dumps(batches.get_state()))          # the iterator's position, JSON-safe
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
-                  force=force)
+        data = json.loads(json.dumps(batches.get_state()))  # the iterator's position, JSON-safe
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)
+            ),
+            force=force,
+        )
 
 
 def _log(writer, msg):
@@ -220,4 +263,6 @@ def _scalars(writer, step, m):
     if writer is not None:
         writer.write_scalars(step, m)
     elif jax.process_index() == 0:
-        print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.items())), flush=True)
+        print(
+            f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(m.items())), flush=True
+        )

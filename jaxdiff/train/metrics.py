@@ -3,6 +3,7 @@
 Every process may call `MetricWriter`; only the main one (`is_main`) writes files or prints, so a
 multi-host loop needs no `if process_index == 0` around it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,13 +18,25 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "grain",
-            "tensorflow-datasets", "transformers", "tensorboardX", "jaxdiff")
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "numpy",
+    "grain",
+    "tensorflow-datasets",
+    "transformers",
+    "tensorboardX",
+    "jaxdiff",
+)
 
 
 def image_grid(images, columns: int | None = None, gap: int = 2) -> np.ndarray:
@@ -39,7 +52,9 @@ def image_grid(images, columns: int | None = None, gap: int = 2) -> np.ndarray:
         if not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"images must be float in [0, 1] or uint8, got dtype {x.dtype}")
         # NaN (a diverged model's samples) shows as black rather than breaking the writer.
-        x = np.round(np.clip(np.nan_to_num(x.astype(np.float32)), 0.0, 1.0) * 255.0).astype(np.uint8)
+        x = np.round(np.clip(np.nan_to_num(x.astype(np.float32)), 0.0, 1.0) * 255.0).astype(
+            np.uint8
+        )
     n, h, w, _ = x.shape
     if columns is not None and columns < 1:
         raise ValueError(f"columns must be >= 1, got {columns}")
@@ -50,7 +65,7 @@ def image_grid(images, columns: int | None = None, gap: int = 2) -> np.ndarray:
     grid = np.zeros((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), np.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = x[i]
+        grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = x[i]
     return grid
 
 
@@ -61,8 +76,14 @@ class _Progress:
     ratios of exponential moving averages of the step, example and time increments (as tqdm does).
     """
 
-    def __init__(self, total: int | None, stream: TextIO, clock: Callable[[], float],
-                 log_every_s: float, smoothing: float = 0.3):
+    def __init__(
+        self,
+        total: int | None,
+        stream: TextIO,
+        clock: Callable[[], float],
+        log_every_s: float,
+        smoothing: float = 0.3,
+    ):
         self.total, self.stream, self.clock = total, stream, clock
         self.log_every_s, self.alpha = log_every_s, smoothing
         self.last: tuple[int, float] | None = None  # (step, time) of the previous update
@@ -74,8 +95,12 @@ class _Progress:
         self.bar = None
         if _isatty(stream):
             from tqdm import tqdm
-            fmt = ("{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}" if total
-                   else "{n_fmt} steps [{elapsed}]{postfix}")
+
+            fmt = (
+                "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}"
+                if total
+                else "{n_fmt} steps [{elapsed}]{postfix}"
+            )
             self.bar = tqdm(total=total, file=stream, bar_format=fmt, dynamic_ncols=True)
 
     @property
@@ -92,7 +117,11 @@ class _Progress:
             ds, dt = step - self.last[0], now - self.last[1]
             new = (ds, ds * (examples or 0), dt)
             a = self.alpha
-            self.avg = new if self.avg is None else tuple(a * x + (1 - a) * m for x, m in zip(new, self.avg))
+            self.avg = (
+                new
+                if self.avg is None
+                else tuple(a * x + (1 - a) * m for x, m in zip(new, self.avg))
+            )
         self.last, self.step = (step, now), step
         if loss is not None:
             self.loss = float(loss)
@@ -100,7 +129,11 @@ class _Progress:
             self.bar.n = step  # absolute: a resumed run starts mid-bar
             self.bar.set_postfix_str(self.summary(with_step=False), refresh=False)
             self.bar.update(0)  # redraws at most every tqdm mininterval
-        elif self.printed_at is None or now - self.printed_at >= self.log_every_s or step == self.total:
+        elif (
+            self.printed_at is None
+            or now - self.printed_at >= self.log_every_s
+            or step == self.total
+        ):
             self.print_line(now)
 
     def print_line(self, now: float) -> None:
@@ -153,9 +186,18 @@ class MetricWriter:
     `log_every_s` (the line interval when `stream` is not a TTY) exist for tests and logs.
     """
 
-    def __init__(self, workdir, *, is_main: bool = True, total_steps: int | None = None,
-                 console: bool = True, tensorboard: bool = True, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic, log_every_s: float = 10.0):
+    def __init__(
+        self,
+        workdir,
+        *,
+        is_main: bool = True,
+        total_steps: int | None = None,
+        console: bool = True,
+        tensorboard: bool = True,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        log_every_s: float = 10.0,
+    ):
         self.workdir, self.is_main, self.closed = Path(workdir), is_main, False
         self._tb = self._progress = None
         if not is_main:
@@ -175,7 +217,9 @@ class MetricWriter:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, global_step=int(step))
         if self._progress is not None:
-            self._progress.write(f"step {int(step)}: " + ", ".join(f"{k}={v:.6g}" for k, v in values.items()))
+            self._progress.write(
+                f"step {int(step)}: " + ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+            )
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         """Each [N, H, W, 3] batch as one grid: a TensorBoard image and `samples/step_{step:08d}_{name}.png`."""
@@ -183,6 +227,7 @@ class MetricWriter:
             return
         grids = {name: image_grid(x) for name, x in images.items()}  # validate all before writing
         from PIL import Image
+
         samples = self.workdir / "samples"
         samples.mkdir(exist_ok=True)
         for name, grid in grids.items():
@@ -197,7 +242,9 @@ class MetricWriter:
         if self._live() and self._progress is not None:
             self._progress.write(message)
 
-    def update_progress(self, step: int, *, loss: float | None = None, examples: int | None = None) -> None:
+    def update_progress(
+        self, step: int, *, loss: float | None = None, examples: int | None = None
+    ) -> None:
         """Moves the progress bar to `step`; `examples` is the examples per step (global batch)."""
         if self._live() and self._progress is not None:
             self._progress.update(int(step), loss, examples)
@@ -284,6 +331,7 @@ def write_run_info(workdir, config, *, extra: Mapping | None = None, is_main: bo
 def versions() -> dict:
     """Package versions (None when not installed), platform, devices, processes, git commit."""
     import jax
+
     packages = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -310,8 +358,10 @@ def _git_commit() -> tuple[str | None, bool | None]:
     root = Path(__file__).resolve().parents[2]
 
     def git(*args):
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
     try:
         # An installed jaxdiff may sit inside some other repository: only our own checkout counts.
         if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
@@ -345,7 +395,9 @@ def json_safe(x):
         return x.name
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return {f.name: json_safe(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if (isinstance(x, type) and issubclass(x, np.generic)) or isinstance(getattr(x, "dtype", None), np.dtype):
+    if (isinstance(x, type) and issubclass(x, np.generic)) or isinstance(
+        getattr(x, "dtype", None), np.dtype
+    ):
         return np.dtype(x).name  # scalar types: np.float32, jnp.float32, jnp.bfloat16
     if callable(x) and hasattr(x, "__qualname__"):
         return f"{getattr(x, '__module__', '')}.{x.__qualname__}"
@@ -362,8 +414,13 @@ def _write_json_keeping_old(path: Path, obj) -> None:
             same = False
         if same:
             return
-        taken = [int(m.group(1)) for p in path.parent.glob(f"{path.stem}.*{path.suffix}")
-                 if (m := re.fullmatch(rf"{re.escape(path.stem)}\.(\d+){re.escape(path.suffix)}", p.name))]
+        taken = [
+            int(m.group(1))
+            for p in path.parent.glob(f"{path.stem}.*{path.suffix}")
+            if (
+                m := re.fullmatch(rf"{re.escape(path.stem)}\.(\d+){re.escape(path.suffix)}", p.name)
+            )
+        ]
         # Copy, then replace: at every moment both records exist on disk.
         _atomic_write(path.with_name(f"{path.stem}.{max(taken, default=0) + 1}{path.suffix}"), old)
     _atomic_write(path, text.encode())

@@ -1,4 +1,5 @@
 """The optimiser: AdamW with warm-up + cosine decay, clipping, accumulation, frozen sub-trees, EMA."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,17 +15,19 @@ from flax import traverse_util
 class OptimConfig:
     learning_rate: float = 1e-4
     warmup_steps: int = 0
-    total_steps: int = 1000          # the cosine decays over these (optimiser updates, after accumulation)
-    final_lr_ratio: float = 0.0      # lr at the end of the decay / peak lr
+    total_steps: int = 1000  # the cosine decays over these (optimiser updates, after accumulation)
+    final_lr_ratio: float = 0.0  # lr at the end of the decay / peak lr
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    weight_decay: float = 0.01       # not applied to biases, norms and other 1-D params
-    grad_clip: float = 1.0           # global-norm clipping; 0 turns it off
-    accumulate: int = 1              # micro-batches per update (optax.MultiSteps)
-    frozen: tuple[str, ...] = ()     # regexes over "a/b/c" param paths that are not trained
-    ema_decay: float = 0.0           # 0: no EMA copy
-    ema_warmup: bool = True          # decay at update t: min(ema_decay, (1 + t) / (10 + t)), as diffusers' EMAModel
+    weight_decay: float = 0.01  # not applied to biases, norms and other 1-D params
+    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    accumulate: int = 1  # micro-batches per update (optax.MultiSteps)
+    frozen: tuple[str, ...] = ()  # regexes over "a/b/c" param paths that are not trained
+    ema_decay: float = 0.0  # 0: no EMA copy
+    ema_warmup: bool = (
+        True  # decay at update t: min(ema_decay, (1 + t) / (10 + t)), as diffusers' EMAModel
+    )
 
 
 def path_str(path) -> str:
@@ -34,14 +37,21 @@ def path_str(path) -> str:
 def frozen_mask(params, patterns) -> dict:
     """True for every leaf whose path matches one of the regexes."""
     regs = [re.compile(p) for p in patterns]
-    return jax.tree_util.tree_map_with_path(lambda p, _: any(r.search(path_str(p)) for r in regs), params)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: any(r.search(path_str(p)) for r in regs), params
+    )
 
 
 def schedule(cfg: OptimConfig):
     peak = cfg.learning_rate
     decay = max(cfg.total_steps, cfg.warmup_steps + 1)
-    return optax.warmup_cosine_decay_schedule(0.0 if cfg.warmup_steps else peak, peak, cfg.warmup_steps,
-                                              decay, end_value=peak * cfg.final_lr_ratio)
+    return optax.warmup_cosine_decay_schedule(
+        0.0 if cfg.warmup_steps else peak,
+        peak,
+        cfg.warmup_steps,
+        decay,
+        end_value=peak * cfg.final_lr_ratio,
+    )
 
 
 def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
@@ -52,9 +62,12 @@ def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
             if not any(re.search(pat, "/".join(k)) for k in traverse_util.flatten_dict(params)):
                 raise ValueError(f"optim.frozen pattern {pat!r} matches no parameter")
     decay_mask = jax.tree.map(lambda x: jnp.ndim(x) > 1, params)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
-                     optax.adamw(schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay,
-                                 mask=decay_mask))
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+        optax.adamw(
+            schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+        ),
+    )
     if cfg.frozen:
         labels = jax.tree.map(lambda f: "frozen" if f else "train", mask)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
@@ -74,4 +87,6 @@ def ema_decay_at(cfg: OptimConfig, step):
 
 def ema_update(ema, params, decay):
     """ema <- decay * ema + (1 - decay) * params, in the EMA's own dtype."""
-    return jax.tree.map(lambda e, p: (decay * e + (1 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params)
+    return jax.tree.map(
+        lambda e, p: (decay * e + (1 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params
+    )

@@ -1,15 +1,18 @@
 """The train state, its shardings, and the one jitted train step every task shares."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxdiff import sharding as sh
 from jaxdiff.train.optim import OptimConfig, ema_decay_at, ema_update, make_optimizer, schedule
@@ -23,23 +26,24 @@ class Task:
     loss(params, frozen, batch, key) -> (scalar loss, dict of scalar metrics).
     frozen: arrays the loss reads but never trains (e.g. the VAE and text encoder of an LDM).
     """
+
     name: str
     init: Callable
     loss: Callable
     frozen: Any = None
-    sample: Callable | None = None     # (params, frozen, key) -> images [N, H, W, 3] in [0, 1]
-    uses_step: bool = False            # loss(..., key, step): for schedules inside the loss (GAN warm-up)
+    sample: Callable | None = None  # (params, frozen, key) -> images [N, H, W, 3] in [0, 1]
+    uses_step: bool = False  # loss(..., key, step): for schedules inside the loss (GAN warm-up)
 
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array          # int32, train steps taken (skipped ones included)
+    step: jax.Array  # int32, train steps taken (skipped ones included)
     params: Any
     opt_state: Any
-    ema: Any                 # EMA of params, or None
-    key: jax.Array           # uint32 key data; the step's key is fold_in(key, step)
-    bad_steps: jax.Array     # int32, non-finite steps in a row
-    skipped: jax.Array       # int32, non-finite steps in all
+    ema: Any  # EMA of params, or None
+    key: jax.Array  # uint32 key data; the step's key is fold_in(key, step)
+    bad_steps: jax.Array  # int32, non-finite steps in a row
+    skipped: jax.Array  # int32, non-finite steps in all
 
 
 def _replicated(mesh):
@@ -55,15 +59,27 @@ def init_state(task: Task, optim: OptimConfig, mesh: Mesh, rules, seed: int):
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_sh = _like_params(abstract_opt, abstract_params, param_sh, _replicated(mesh))
     rep = _replicated(mesh)
-    shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh,
-                           ema=param_sh if optim.ema_decay > 0 else None, key=rep, bad_steps=rep, skipped=rep)
+    shardings = TrainState(
+        step=rep,
+        params=param_sh,
+        opt_state=opt_sh,
+        ema=param_sh if optim.ema_decay > 0 else None,
+        key=rep,
+        bad_steps=rep,
+        skipped=rep,
+    )
 
     def init(seed_key):
         params = nn.unbox(task.init(seed_key))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          ema=params if optim.ema_decay > 0 else None,
-                          key=jax.random.key_data(jax.random.fold_in(seed_key, 1)),
-                          bad_steps=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            ema=params if optim.ema_decay > 0 else None,
+            key=jax.random.key_data(jax.random.fold_in(seed_key, 1)),
+            bad_steps=jnp.zeros((), jnp.int32),
+            skipped=jnp.zeros((), jnp.int32),
+        )
 
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     return state, shardings, tx
@@ -88,17 +104,22 @@ def _like_params(tree, params, param_sh, default):
             if hit is not None and hit[0] == leaf.shape:
                 return hit[1]
         return default
+
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def make_train_step(task: Task, tx, optim: OptimConfig, state_shardings, frozen_shardings, batch_sharding):
+def make_train_step(
+    task: Task, tx, optim: OptimConfig, state_shardings, frozen_shardings, batch_sharding
+):
     """The jitted step: (state, frozen, batch) -> (state, metrics); the state is donated."""
     lr_at = schedule(optim)
 
     def step(state: TrainState, frozen, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         extra = (state.step,) if task.uses_step else ()
-        (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, frozen, batch, key, *extra)
+        (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(
+            state.params, frozen, batch, key, *extra
+        )
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -108,17 +129,33 @@ def make_train_step(task: Task, tx, optim: OptimConfig, state_shardings, frozen_
         ema = None
         if state.ema is not None:
             ema = keep(ema_update(state.ema, params, ema_decay_at(optim, state.step)), state.ema)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
-                            bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
-                            skipped=state.skipped + (~ok).astype(jnp.int32))
-        out = dict(metrics, loss=loss, grad_norm=grad_norm, finite=ok.astype(jnp.float32),
-                   lr=lr_at(state.step // max(optim.accumulate, 1)))
+        new = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema=ema,
+            bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+        )
+        out = dict(
+            metrics,
+            loss=loss,
+            grad_norm=grad_norm,
+            finite=ok.astype(jnp.float32),
+            lr=lr_at(state.step // max(optim.accumulate, 1)),
+        )
         return new, out
 
-    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
 
 
 def abstract_with_shardings(state, shardings):
     """ShapeDtypeStructs carrying the target shardings: what orbax restores into (any mesh)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )

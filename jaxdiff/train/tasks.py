@@ -1,4 +1,5 @@
 """Training tasks: the latent-diffusion UNet and the KL-VAE. Each is an init and a loss (``step.Task``)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,27 +10,33 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jaxdiff import schedules as S
-from jaxdiff.text import TextTransformer, eos_index
+from jaxdiff.diffusion import schedules as S
+from jaxdiff.models.text import TextTransformer, eos_index
+from jaxdiff.models.unet import UNet
+from jaxdiff.models.vae import AutoencoderKL, scale_latents
 from jaxdiff.train.step import Task
-from jaxdiff.unet import UNet
-from jaxdiff.vae import AutoencoderKL, scale_latents
 
 
 @dataclasses.dataclass(frozen=True)
 class LDMConfig:
-    prediction_type: str = "epsilon"        # the target: epsilon | v_prediction | sample
-    min_snr_gamma: float = 0.0              # > 0: Hang et al. 2023's min-SNR-gamma loss weights
-    cond_dropout: float = 0.1               # probability of training a sample on the empty prompt (CFG)
+    prediction_type: str = "epsilon"  # the target: epsilon | v_prediction | sample
+    min_snr_gamma: float = 0.0  # > 0: Hang et al. 2023's min-SNR-gamma loss weights
+    cond_dropout: float = 0.1  # probability of training a sample on the empty prompt (CFG)
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
-    rescale_betas_zero_snr: bool = False    # Lin et al. 2024: the last step is pure noise (needs v_prediction)
-    timestep_spacing: str = "leading"       # the exported sampler's: trailing starts sampling at t = T - 1
-    compute_dtype: str = "float32"          # bfloat16: bf16 compute, fp32 master params
-    remat: bool = False                     # recompute UNet blocks in the backward pass (less memory)
-    train_text_encoder: bool = False        # True: fine-tune the text encoder with the UNet (params {unet, text_encoder})
+    rescale_betas_zero_snr: bool = (
+        False  # Lin et al. 2024: the last step is pure noise (needs v_prediction)
+    )
+    timestep_spacing: str = (
+        "leading"  # the exported sampler's: trailing starts sampling at t = T - 1
+    )
+    compute_dtype: str = "float32"  # bfloat16: bf16 compute, fp32 master params
+    remat: bool = False  # recompute UNet blocks in the backward pass (less memory)
+    train_text_encoder: bool = (
+        False  # True: fine-tune the text encoder with the UNet (params {unet, text_encoder})
+    )
     # a portion of each batch draws t from [timestep_bias_begin, T) instead of [0, T) (diffusers' training
     # scripts call this a "later" timestep bias): the noisiest steps, where the prompt alone decides the layout
     timestep_bias_portion: float = 0.0
@@ -50,15 +57,22 @@ class LDMConfig:
 def _init_like(module, kind, config, key, init_params=None):
     """Boxed params (logical axis names) from a smallest-input init, or ``init_params`` in those boxes."""
     from jaxdiff.convert.diffusers import COMPONENTS
-    return _boxed_like(module.init(key, *COMPONENTS[kind].dummy_inputs(config))["params"], init_params)
+
+    return _boxed_like(
+        module.init(key, *COMPONENTS[kind].dummy_inputs(config))["params"], init_params
+    )
 
 
 def _boxed_like(boxed, init_params=None):
     """``init_params`` placed in the boxes (logical axis names) of a fresh init; the init itself if None."""
     if init_params is None:
         return boxed
-    return jax.tree.map(lambda b, p: b.replace_boxed(jnp.asarray(p, b.value.dtype)), boxed, init_params,
-                        is_leaf=lambda b: hasattr(b, "replace_boxed"))
+    return jax.tree.map(
+        lambda b, p: b.replace_boxed(jnp.asarray(p, b.value.dtype)),
+        boxed,
+        init_params,
+        is_leaf=lambda b: hasattr(b, "replace_boxed"),
+    )
 
 
 def _dtype(name):
@@ -85,7 +99,7 @@ def stable_target_x0(z0, x_t, alpha_bar, same):
     b = z0.shape[0]
     z, x = z0.reshape(b, -1).astype(jnp.float32), x_t.reshape(b, -1).astype(jnp.float32)
     ab = alpha_bar.astype(jnp.float32)[:, None]
-    d = (jnp.sum(x ** 2, 1)[:, None] - 2 * jnp.sqrt(ab) * (x @ z.T) + ab * jnp.sum(z ** 2, 1)[None, :])
+    d = jnp.sum(x**2, 1)[:, None] - 2 * jnp.sqrt(ab) * (x @ z.T) + ab * jnp.sum(z**2, 1)[None, :]
     logits = -d / (2 * (1 - ab))
     mask = same | jnp.eye(b, dtype=bool)
     w = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=1)
@@ -102,34 +116,64 @@ def text_token_ce(states, ids, embedding, text_config):
     return jnp.sum(ce * mask) / jnp.sum(mask)
 
 
-def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict, uncond_ids: np.ndarray,
-             init_params=None, sample_ids: np.ndarray | None = None, sample_resolution: int = 32,
-             sample_steps: int = 20, sample_guidance: float = 3.0) -> Task:
+def ldm_task(
+    cfg: LDMConfig,
+    unet_config,
+    vae_config,
+    text_config,
+    frozen: dict,
+    uncond_ids: np.ndarray,
+    init_params=None,
+    sample_ids: np.ndarray | None = None,
+    sample_resolution: int = 32,
+    sample_steps: int = 20,
+    sample_guidance: float = 3.0,
+) -> Task:
     """The UNet of a latent diffusion model; ``frozen`` = {"vae": ..., "text_encoder": ...} params.
 
     init_params: start from these (fine-tuning a checkpoint) instead of a random init; they are
     boxed with the UNet's logical axis names so they shard like a fresh init.
     """
     if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {cfg.prediction_type!r}")
+        raise ValueError(
+            f"prediction_type must be epsilon, v_prediction or sample, got {cfg.prediction_type!r}"
+        )
     if cfg.rescale_betas_zero_snr and cfg.prediction_type == "epsilon":
-        raise ValueError("rescale_betas_zero_snr needs prediction_type v_prediction (or sample): at zero SNR the "
-                         "noise is the input itself and an epsilon model cannot say anything about the image")
+        raise ValueError(
+            "rescale_betas_zero_snr needs prediction_type v_prediction (or sample): at zero SNR the "
+            "noise is the input itself and an epsilon model cannot say anything about the image"
+        )
     if cfg.timestep_spacing not in ("leading", "trailing", "linspace"):
-        raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {cfg.timestep_spacing!r}")
-    if not 0 <= cfg.timestep_bias_portion <= 1 or not 0 <= cfg.timestep_bias_begin < cfg.num_train_timesteps:
-        raise ValueError(f"timestep_bias_portion must be in [0, 1] and timestep_bias_begin in [0, "
-                         f"{cfg.num_train_timesteps}), got {cfg.timestep_bias_portion} and {cfg.timestep_bias_begin}")
+        raise ValueError(
+            f"timestep_spacing must be leading, trailing or linspace, got {cfg.timestep_spacing!r}"
+        )
+    if (
+        not 0 <= cfg.timestep_bias_portion <= 1
+        or not 0 <= cfg.timestep_bias_begin < cfg.num_train_timesteps
+    ):
+        raise ValueError(
+            f"timestep_bias_portion must be in [0, 1] and timestep_bias_begin in [0, "
+            f"{cfg.num_train_timesteps}), got {cfg.timestep_bias_portion} and {cfg.timestep_bias_begin}"
+        )
     if cfg.text_token_loss < 0 or (cfg.text_token_loss > 0 and not cfg.train_text_encoder):
-        raise ValueError(f"text_token_loss must be >= 0 and needs train_text_encoder=True (it trains the text "
-                         f"encoder), got {cfg.text_token_loss} with train_text_encoder={cfg.train_text_encoder}")
+        raise ValueError(
+            f"text_token_loss must be >= 0 and needs train_text_encoder=True (it trains the text "
+            f"encoder), got {cfg.text_token_loss} with train_text_encoder={cfg.train_text_encoder}"
+        )
     dt = _dtype(cfg.compute_dtype)
     unet = UNet(unet_config, remat=cfg.remat, dtype=dt)
     vae = AutoencoderKL(vae_config)
     text = TextTransformer(text_config)
-    sched = S.resolve({"beta_schedule": cfg.beta_schedule, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
-                       "num_train_timesteps": cfg.num_train_timesteps,
-                       "rescale_betas_zero_snr": cfg.rescale_betas_zero_snr}, "ddpm")
+    sched = S.resolve(
+        {
+            "beta_schedule": cfg.beta_schedule,
+            "beta_start": cfg.beta_start,
+            "beta_end": cfg.beta_end,
+            "num_train_timesteps": cfg.num_train_timesteps,
+            "rescale_betas_zero_snr": cfg.rescale_betas_zero_snr,
+        },
+        "ddpm",
+    )
     alphas_cumprod = jnp.asarray(S.alphas_cumprod(sched))
     uncond = jnp.asarray(uncond_ids, jnp.int32).reshape(1, -1)
     train_text = cfg.train_text_encoder
@@ -139,19 +183,30 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
         if not train_text:
             return u
         # the text encoder starts from the given one (e.g. a CLIP's text tower) and trains with the UNet
-        return {"unet": u, "text_encoder": _init_like(text, "text_encoder", text_config, key, frozen["text_encoder"])}
+        return {
+            "unet": u,
+            "text_encoder": _init_like(
+                text, "text_encoder", text_config, key, frozen["text_encoder"]
+            ),
+        }
 
     def split(params, frozen):
         """(UNet params, text-encoder params) of the trained params (and the frozen parts)."""
-        return (params["unet"], params["text_encoder"]) if train_text else (params, frozen["text_encoder"])
+        return (
+            (params["unet"], params["text_encoder"])
+            if train_text
+            else (params, frozen["text_encoder"])
+        )
 
     def loss(params, frozen, batch, key):
         k_enc, k_t, k_eps, k_drop = jax.random.split(key, 4)
-        images, ids = batch["image"], batch["tokens"]                   # [B, H, W, 3] in [-1, 1], [B, 77]
+        images, ids = batch["image"], batch["tokens"]  # [B, H, W, 3] in [-1, 1], [B, 77]
         b = images.shape[0]
         # 1. z0 ~ q(z | x), scaled as the sampler expects; the VAE is fixed
         post = vae.apply({"params": frozen["vae"]}, images, method=AutoencoderKL.encode)
-        z0 = jax.lax.stop_gradient(scale_latents(post.sample(k_enc), vae_config))      # [B, H/f, W/f, C]
+        z0 = jax.lax.stop_gradient(
+            scale_latents(post.sample(k_enc), vae_config)
+        )  # [B, H/f, W/f, C]
         # 2. conditioning dropout: a fraction of samples see the empty prompt (classifier-free guidance)
         drop = jax.random.uniform(k_drop, (b,)) < cfg.cond_dropout
         ids = jnp.where(drop[:, None], uncond, ids)
@@ -168,38 +223,54 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
         metrics = {}
         if cfg.stable_target:
             # references: the batch's examples with the same prompt, none for the dropped (empty) ones
-            same = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1) & ~drop[:, None] & ~drop[None, :]
+            same = (
+                jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
+                & ~drop[:, None]
+                & ~drop[None, :]
+            )
             z0_hat, self_weight = stable_target_x0(z0, x_t, ab[:, 0, 0, 0], same)
             z0_hat = jax.lax.stop_gradient(z0_hat)
-            eps = (x_t - jnp.sqrt(ab) * z0_hat) / jnp.sqrt(1 - ab)          # the noise that target implies
+            eps = (x_t - jnp.sqrt(ab) * z0_hat) / jnp.sqrt(1 - ab)  # the noise that target implies
             z0 = z0_hat
             metrics["stf_self_weight"] = jnp.mean(self_weight)
-        target = {"epsilon": eps, "sample": z0,
-                  "v_prediction": jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * z0}[cfg.prediction_type]
+        target = {
+            "epsilon": eps,
+            "sample": z0,
+            "v_prediction": jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * z0,
+        }[cfg.prediction_type]
         mse = jnp.mean((out - target) ** 2, axis=(1, 2, 3))
         # 5. min-SNR-gamma: w = min(snr, gamma) / snr for eps (/(snr + 1) for v, x1 for x0)
         w = jnp.ones((b,))
         if cfg.min_snr_gamma > 0:
             snr = ab[:, 0, 0, 0] / (1 - ab[:, 0, 0, 0])
             clipped = jnp.minimum(snr, cfg.min_snr_gamma)
-            w = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[cfg.prediction_type]
+            w = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[
+                cfg.prediction_type
+            ]
         total = jnp.mean(w * mse)
         if cfg.text_token_loss > 0:
-            ce = text_token_ce(ctx, ids, text_params["embeddings"]["token_embedding"]["embedding"], text_config)
+            ce = text_token_ce(
+                ctx, ids, text_params["embeddings"]["token_embedding"]["embedding"], text_config
+            )
             metrics["text_token_ce"] = ce
             total = total + cfg.text_token_loss * ce
         return total, {"mse": jnp.mean(mse), **metrics}
 
     sample = None
     if sample_ids is not None:
-        from jaxdiff import guidance as G
-        from jaxdiff import samplers as SM
-        from jaxdiff.train.runs import scheduler_config
+        from jaxdiff.diffusion import guidance as G
+        from jaxdiff.diffusion import samplers as SM
+        from jaxdiff.train.export import scheduler_config
+
         ddim = S.resolve(scheduler_config(cfg), "ddim")
         plan = SM.make_plan(ddim, sample_steps)
         prompts = jnp.asarray(sample_ids, jnp.int32)
-        lat = (prompts.shape[0], sample_resolution // vae_config.downscale, sample_resolution // vae_config.downscale,
-               unet_config.in_channels)
+        lat = (
+            prompts.shape[0],
+            sample_resolution // vae_config.downscale,
+            sample_resolution // vae_config.downscale,
+            unet_config.in_channels,
+        )
 
         def sample(params, frozen, key):
             """Sample grid: the fixed prompts, DDIM, classifier-free guidance (the sampling code's)."""
@@ -209,7 +280,11 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
             model = lambda x, t, c: unet.apply({"params": unet_params}, x, t, c).astype(jnp.float32)  # noqa: E731
             denoise = G.classifier_free(model, ctx_c, ctx_u, sample_guidance)
             x = SM.sample(denoise, ddim, plan.arrays, jax.random.normal(key, lat))
-            img = vae.apply({"params": frozen["vae"]}, x / vae_config.scaling_factor, method=AutoencoderKL.decode)
+            img = vae.apply(
+                {"params": frozen["vae"]},
+                x / vae_config.scaling_factor,
+                method=AutoencoderKL.decode,
+            )
             return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     return Task("ldm", init, loss, frozen=frozen, sample=sample)
@@ -217,27 +292,28 @@ def ldm_task(cfg: LDMConfig, unet_config, vae_config, text_config, frozen: dict,
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfigTrain:
-    reconstruction: str = "l1"              # l1 | l2
+    reconstruction: str = "l1"  # l1 | l2
     kl_weight: float = 1e-6
     compute_dtype: str = "float32"
-    disc_start: int = -1                    # >= 0: a patch discriminator joins at this step (-1: none)
-    disc_weight: float = 0.5                # weight of the generator's adversarial term
+    disc_start: int = -1  # >= 0: a patch discriminator joins at this step (-1: none)
+    disc_weight: float = 0.5  # weight of the generator's adversarial term
     disc_channels: int = 64
     disc_layers: int = 3
-    logvar_init: float = 0.0                # != 0: the posterior's initial log-variance (quant_conv's bias)
+    logvar_init: float = 0.0  # != 0: the posterior's initial log-variance (quant_conv's bias)
 
 
 class PatchDiscriminator(nn.Module):
     """PatchGAN (Isola et al. 2017): strided 4x4 convs -> one real/fake logit per image patch."""
+
     channels: int = 64
     layers: int = 3
 
     @nn.compact
-    def __call__(self, x):                                               # [B, H, W, 3] -> [B, h, w, 1]
+    def __call__(self, x):  # [B, H, W, 3] -> [B, h, w, 1]
         for i in range(self.layers):
-            x = nn.Conv(self.channels * 2 ** i, (4, 4), strides=2, padding=1, name=f"conv_{i}")(x)
+            x = nn.Conv(self.channels * 2**i, (4, 4), strides=2, padding=1, name=f"conv_{i}")(x)
             if i:
-                x = nn.GroupNorm(num_groups=min(32, self.channels * 2 ** i // 4), name=f"norm_{i}")(x)
+                x = nn.GroupNorm(num_groups=min(32, self.channels * 2**i // 4), name=f"norm_{i}")(x)
             x = nn.leaky_relu(x, 0.2)
         return nn.Conv(1, (4, 4), padding=1, name="logits")(x)
 
@@ -261,27 +337,31 @@ def vae_task(cfg: VAEConfigTrain, vae_config, init_params=None) -> Task:
             # Adam needs ~|logvar| / lr steps to shrink it (measured: 19.5 dB vs 26.7 dB after 300 steps)
             bias = params["quant_conv"]["bias"]
             params["quant_conv"]["bias"] = bias.replace_boxed(
-                bias.value.at[vae_config.latent_channels:].set(cfg.logvar_init))
+                bias.value.at[vae_config.latent_channels :].set(cfg.logvar_init)
+            )
         if disc is None:
             return params
         size = 2 ** (cfg.disc_layers + 2)
-        return {"vae": params, "disc": disc.init(jax.random.fold_in(key, 7), jnp.zeros((1, size, size, 3)))["params"]}
+        return {
+            "vae": params,
+            "disc": disc.init(jax.random.fold_in(key, 7), jnp.zeros((1, size, size, 3)))["params"],
+        }
 
     def loss(params, frozen, batch, key, step):
-        x = batch["image"]                                                        # [B, H, W, 3] in [-1, 1]
+        x = batch["image"]  # [B, H, W, 3] in [-1, 1]
         vae_params = params["vae"] if disc is not None else params
         recon, post = vae.apply({"params": vae_params}, x, key)
         recon = recon.astype(jnp.float32)
         err = jnp.abs(recon - x) if cfg.reconstruction == "l1" else (recon - x) ** 2
         rec = jnp.mean(err)
-        kl = jnp.mean(post.kl()) / np.prod(x.shape[1:3])                          # per pixel, like rec
+        kl = jnp.mean(post.kl()) / np.prod(x.shape[1:3])  # per pixel, like rec
         total, metrics = rec + cfg.kl_weight * kl, {"reconstruction": rec, "kl": kl}
         if disc is not None:
-            on = (step >= cfg.disc_start).astype(jnp.float32)                     # warm-up: reconstruction only
-            d = lambda p, img: disc.apply({"params": p}, img)                     # noqa: E731
+            on = (step >= cfg.disc_start).astype(jnp.float32)  # warm-up: reconstruction only
+            d = lambda p, img: disc.apply({"params": p}, img)  # noqa: E731
             g_loss = -jnp.mean(d(jax.lax.stop_gradient(params["disc"]), recon))
             real, fake = d(params["disc"], x), d(params["disc"], jax.lax.stop_gradient(recon))
-            d_loss = jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake))   # hinge
+            d_loss = jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake))  # hinge
             total = total + on * (cfg.disc_weight * g_loss + d_loss)
             metrics.update(g_loss=g_loss, d_loss=d_loss, disc_on=on)
         return total, metrics
@@ -291,8 +371,8 @@ def vae_task(cfg: VAEConfigTrain, vae_config, init_params=None) -> Task:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfigTrain:
-    loss: str = "softmax"                   # softmax (CLIP's InfoNCE) | sigmoid (SigLIP; needs logit_bias_init)
-    max_logit_scale: float = 4.6052         # t = exp(s) is clipped at 100, as CLIP does
+    loss: str = "softmax"  # softmax (CLIP's InfoNCE) | sigmoid (SigLIP; needs logit_bias_init)
+    max_logit_scale: float = 4.6052  # t = exp(s) is clipped at 100, as CLIP does
     compute_dtype: str = "float32"
 
 
@@ -300,30 +380,47 @@ def clip_task(cfg: CLIPConfigTrain, clip_config, mesh=None, rules=None, init_par
     """CLIP's two towers on (image, caption) batches: images [B, H, W, 3] in [-1, 1], tokens [B, T].
 
     With a mesh, the loss sees the global batch's negatives across the batch axes of ``rules``
-    (``jaxdiff.contrastive``: gathered InfoNCE, or the sigmoid loss on a ring)."""
-    from jaxdiff import clip as clip_lib
-    from jaxdiff import contrastive
+    (``jaxdiff.train.contrastive``: gathered InfoNCE, or the sigmoid loss on a ring)."""
     from jaxdiff import sharding as sh
+    from jaxdiff.models import clip as clip_lib
+    from jaxdiff.train import contrastive
+
     if cfg.loss not in contrastive.LOSSES:
         raise ValueError(f"clip.loss must be one of {contrastive.LOSSES}, got {cfg.loss!r}")
     if cfg.loss == "sigmoid" and clip_config.logit_bias_init is None:
-        raise ValueError("clip.loss=sigmoid needs a logit bias: set model.logit_bias_init (SigLIP uses -10)")
+        raise ValueError(
+            "clip.loss=sigmoid needs a logit bias: set model.logit_bias_init (SigLIP uses -10)"
+        )
     model = clip_lib.CLIP(clip_config, dtype=_dtype(cfg.compute_dtype))
     axes = dict(rules or sh.DATA_PARALLEL).get(sh.BATCH)
 
     def init(key):
-        return _boxed_like(model.init(key, *clip_lib.dummy_inputs(clip_config))["params"], init_params)
+        return _boxed_like(
+            model.init(key, *clip_lib.dummy_inputs(clip_config))["params"], init_params
+        )
 
     def loss(params, frozen, batch, key):
         v = {"params": params}
-        pixels = clip_lib.normalize(batch["image"] / 2 + 0.5, clip_config)        # [-1, 1] -> the tower's input
-        img = clip_lib.l2_normalize(model.apply(v, pixels, method=clip_lib.CLIP.image_features))   # [B, P]
-        txt = clip_lib.l2_normalize(model.apply(v, batch["tokens"], method=clip_lib.CLIP.text_features))
+        pixels = clip_lib.normalize(
+            batch["image"] / 2 + 0.5, clip_config
+        )  # [-1, 1] -> the tower's input
+        img = clip_lib.l2_normalize(
+            model.apply(v, pixels, method=clip_lib.CLIP.image_features)
+        )  # [B, P]
+        txt = clip_lib.l2_normalize(
+            model.apply(v, batch["tokens"], method=clip_lib.CLIP.text_features)
+        )
         scale, bias = model.apply(v, method=clip_lib.CLIP.temperature)
         scale = jnp.minimum(scale, cfg.max_logit_scale)
         loss, metrics = contrastive.contrastive_loss(
-            img, txt, scale, bias if clip_config.logit_bias_init is not None else None, kind=cfg.loss,
-            mesh=mesh, batch_axes=axes)
+            img,
+            txt,
+            scale,
+            bias if clip_config.logit_bias_init is not None else None,
+            kind=cfg.loss,
+            mesh=mesh,
+            batch_axes=axes,
+        )
         return loss, dict(metrics, temperature=jnp.exp(scale), logit_bias=bias)
 
     return Task("clip", init, loss)

@@ -1,5 +1,7 @@
 """Experiment: a noise-aware caption matcher (UNet from the committed denoiser, 1 output channel, spatial
 mean = logit) trained on hard negatives, then used for classifier guidance. Not product code."""
+
+import dataclasses
 import os
 import pickle
 import sys
@@ -10,15 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdiff import schedules as S
+from jaxdiff.convert.pretrained import load_pretrained
 from jaxdiff.data import shapes_world as W
-from jaxdiff.pretrained import load_pretrained
-from jaxdiff.text import TextTransformer
-from jaxdiff.unet import UNet
-from jaxdiff.vae import AutoencoderKL, scale_latents
-import dataclasses
+from jaxdiff.diffusion import schedules as S
+from jaxdiff.models.text import TextTransformer
+from jaxdiff.models.unet import UNet
+from jaxdiff.models.vae import AutoencoderKL, scale_latents
 
-OPP = {"above": "below", "below": "above", "to the left of": "to the right of", "to the right of": "to the left of"}
+OPP = {
+    "above": "below",
+    "below": "above",
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+}
 PL = {W.plural(s): s for s in W.SHAPES}
 
 
@@ -75,7 +81,11 @@ def _perturb(scene, rng, force=None):
             words[i] = [s for s in W.SHAPES if s != words[i]][rng.integers(5)]
     out = " ".join(words)
     # fix articles a/an before the changed word
-    out = out.replace("a orange", "an orange").replace("an red", "a red").replace("an yellow", "a yellow")
+    out = (
+        out.replace("a orange", "an orange")
+        .replace("an red", "a red")
+        .replace("an yellow", "a yellow")
+    )
     for c in W.COLOURS:
         if c != "orange":
             out = out.replace(f"an {c}", f"a {c}")
@@ -104,18 +114,29 @@ def main():
     ab = jnp.asarray(S.alphas_cumprod(s), jnp.float32)
     params = {"unet": dict(model.params["unet"]), "text": model.params["text_encoder"]}
     co = params["unet"]["conv_out"]
-    params["unet"]["conv_out"] = {"kernel": jnp.zeros(co["kernel"].shape[:-1] + (1,)), "bias": jnp.zeros((1,))}
+    params["unet"]["conv_out"] = {
+        "kernel": jnp.zeros(co["kernel"].shape[:-1] + (1,)),
+        "bias": jnp.zeros((1,)),
+    }
     params = jax.tree.map(jnp.asarray, params)
-    encode = jax.jit(lambda x: scale_latents(vae.apply({"params": model.params["vae"]}, x,
-                                                       method=AutoencoderKL.encode).mean, model.vae_config))
+    encode = jax.jit(
+        lambda x: scale_latents(
+            vae.apply({"params": model.params["vae"]}, x, method=AutoencoderKL.encode).mean,
+            model.vae_config,
+        )
+    )
 
     def logit(p, x, t, ids):
         ctx = text.apply({"params": p["text"]}, ids)["last_hidden_state"]
         return unet.apply({"params": p["unet"]}, x, t, ctx)[..., 0].mean((1, 2))
 
     steps, batch, lr = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, 50, steps, lr * 0.1), weight_decay=0.0))
+    opt = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(
+            optax.warmup_cosine_decay_schedule(0, lr, 50, steps, lr * 0.1), weight_decay=0.0
+        ),
+    )
     state = opt.init(params)
 
     @jax.jit
@@ -127,12 +148,18 @@ def main():
         x = jnp.sqrt(a) * z0 + jnp.sqrt(1 - a) * jax.random.normal(k2, z0.shape)
 
         def loss(p):
-            lg = logit(p, jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([ids_pos, ids_neg]))
+            lg = logit(
+                p,
+                jnp.concatenate([x, x]),
+                jnp.concatenate([t, t]),
+                jnp.concatenate([ids_pos, ids_neg]),
+            )
             y = jnp.concatenate([jnp.ones(n), jnp.zeros(n)])
             l = optax.sigmoid_binary_cross_entropy(lg, y)
-            acc = ((lg[:n] > lg[n:]).astype(jnp.float32))
+            acc = (lg[:n] > lg[n:]).astype(jnp.float32)
             hi = (t >= 800).astype(jnp.float32)
             return l.mean(), (acc.mean(), (acc * hi).sum() / jnp.maximum(hi.sum(), 1))
+
         (l, aux), g = jax.value_and_grad(loss, has_aux=True)(p)
         upd, st = opt.update(g, st, p)
         return optax.apply_updates(p, upd), st, l, aux
@@ -143,16 +170,24 @@ def main():
     t0, hist = time.time(), []
     for i in range(steps):
         idx = rng.integers(len(pool), size=batch)
-        sc = [W.scene_for_caption(pool[j].caption, rng) if rng.random() < 0.5 else pool[j] for j in idx]
+        sc = [
+            W.scene_for_caption(pool[j].caption, rng) if rng.random() < 0.5 else pool[j]
+            for j in idx
+        ]
         imgs = np.stack([W.render(x, 64) for x in sc]).astype(np.float32) / 127.5 - 1
         z0 = encode(jnp.asarray(imgs))
         pos = tok([x.caption for x in sc])
         neg = tok([perturb(x, rng) for x in sc])
-        params, state, l, aux = step(params, state, z0, jnp.asarray(pos), jnp.asarray(neg), jax.random.key(i))
+        params, state, l, aux = step(
+            params, state, z0, jnp.asarray(pos), jnp.asarray(neg), jax.random.key(i)
+        )
         hist.append((float(l), float(aux[0]), float(aux[1])))
         if (i + 1) % 25 == 0:
             h = np.array(hist[-25:]).mean(0)
-            print(f"step {i+1} loss {h[0]:.3f} acc {h[1]:.3f} acc(t>=800) {h[2]:.3f} {time.time()-t0:.0f}s", flush=True)
+            print(
+                f"step {i + 1} loss {h[0]:.3f} acc {h[1]:.3f} acc(t>=800) {h[2]:.3f} {time.time() - t0:.0f}s",
+                flush=True,
+            )
         if (i + 1) % 250 == 0 or i + 1 == steps:
             with open("runs/matcher/params.pkl.tmp", "wb") as f:
                 pickle.dump(jax.device_get(params), f)

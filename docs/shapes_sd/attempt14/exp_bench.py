@@ -18,6 +18,7 @@ the caption's roles handed over without a text encoder (a control, not a proposa
 --neg colour: the one-hop control (A recoloured to a colour neither object has) instead of the flipped relation;
 --neg mix: a third each of flipped, A recoloured, B recoloured in training (validation: the relation only).
 """
+
 import argparse
 import dataclasses
 import time
@@ -28,15 +29,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdiff import schedules as S
+from jaxdiff.convert.pretrained import load_pretrained
 from jaxdiff.data import shapes_world as W
-from jaxdiff.pretrained import load_pretrained
-from jaxdiff.text import TextTransformer
-from jaxdiff.unet import UNet
-from jaxdiff.vae import AutoencoderKL, scale_latents
+from jaxdiff.diffusion import schedules as S
+from jaxdiff.models.text import TextTransformer
+from jaxdiff.models.unet import UNet
+from jaxdiff.models.vae import AutoencoderKL, scale_latents
 
-OPP = {"above": "below", "below": "above", "to the left of": "to the right of",
-       "to the right of": "to the left of"}
+OPP = {
+    "above": "below",
+    "below": "above",
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+}
 RELS = tuple(OPP)
 ORACLE_VOCAB = tuple(W.COLOURS) + tuple(W.SHAPES) + RELS
 
@@ -48,7 +53,10 @@ def flip(caption, rel):
 def oracle_ids(scene, rel, colour_a=None, colour_b=None):
     a, b = scene.objects[:2]
     # the caption names A first; sample_scene stores A first (checked in pool)
-    return [ORACLE_VOCAB.index(w) for w in (colour_a or a.colour, a.shape, rel, colour_b or b.colour, b.shape)]
+    return [
+        ORACLE_VOCAB.index(w)
+        for w in (colour_a or a.colour, a.shape, rel, colour_b or b.colour, b.shape)
+    ]
 
 
 def other_colour(scene):
@@ -92,16 +100,26 @@ class Joint(nn.Module):
     @nn.compact
     def __call__(self, x, ctx):
         b, h, w, c = x.shape
-        p = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w // 4, 4 * c)
-        img = nn.Dense(self.dim)(p) + self.param("pos", nn.initializers.normal(0.02), (h * w // 4, self.dim))
-        txt = nn.Dense(self.dim)(ctx) + self.param("type", nn.initializers.normal(0.02), (1, 1, self.dim))
+        p = (
+            x.reshape(b, h // 2, 2, w // 2, 2, c)
+            .transpose(0, 1, 3, 2, 4, 5)
+            .reshape(b, h * w // 4, 4 * c)
+        )
+        img = nn.Dense(self.dim)(p) + self.param(
+            "pos", nn.initializers.normal(0.02), (h * w // 4, self.dim)
+        )
+        txt = nn.Dense(self.dim)(ctx) + self.param(
+            "type", nn.initializers.normal(0.02), (1, 1, self.dim)
+        )
         z = jnp.concatenate([img, txt], 1)
         for _ in range(self.depth):
             y = nn.LayerNorm()(z)
             z = z + nn.MultiHeadDotProductAttention(self.heads)(y, y)
             y = nn.LayerNorm()(z)
             z = z + nn.Dense(self.dim)(nn.gelu(nn.Dense(4 * self.dim)(y)))
-        return nn.Dense(1, kernel_init=nn.initializers.zeros)(nn.LayerNorm()(z[:, : img.shape[1]].mean(1)))[:, 0]
+        return nn.Dense(1, kernel_init=nn.initializers.zeros)(
+            nn.LayerNorm()(z[:, : img.shape[1]].mean(1))
+        )[:, 0]
 
 
 def pool(split, n, start=0):
@@ -129,32 +147,55 @@ def main():
     ap.add_argument("--tmax", type=int, default=100)
     ap.add_argument("--train", type=int, default=4096)
     ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--neg", choices=("relation", "colour", "mix"), default="relation",
-                    help="training negatives: the relation flipped; A recoloured (a one-hop control); or a third "
-                         "each of flipped, A recoloured, B recoloured (validation scores the relation unless colour)")
+    ap.add_argument(
+        "--neg",
+        choices=("relation", "colour", "mix"),
+        default="relation",
+        help="training negatives: the relation flipped; A recoloured (a one-hop control); or a third "
+        "each of flipped, A recoloured, B recoloured (validation scores the relation unless colour)",
+    )
     a = ap.parse_args()
 
     model = load_pretrained("models/shapes_sd")
     vae = AutoencoderKL(model.vae_config)
-    enc = jax.jit(lambda x: scale_latents(
-        vae.apply({"params": model.params["vae"]}, x, method=AutoencoderKL.encode).mean, model.vae_config))
+    enc = jax.jit(
+        lambda x: scale_latents(
+            vae.apply({"params": model.params["vae"]}, x, method=AutoencoderKL.encode).mean,
+            model.vae_config,
+        )
+    )
     ab = jnp.asarray(S.alphas_cumprod(S.resolve(model.scheduler_config)), jnp.float32)
 
     t0 = time.time()
     sets = {}
     for name, split, n in (("train", "train", a.train), ("val", "validation", 512)):
         sc = pool(split, n)
-        z = np.concatenate([np.asarray(enc(jnp.asarray(
-            np.stack([W.render(s, 64) for s in sc[i:i + 256]]).astype(np.float32) / 127.5 - 1)))
-            for i in range(0, n, 256)])
+        z = np.concatenate(
+            [
+                np.asarray(
+                    enc(
+                        jnp.asarray(
+                            np.stack([W.render(s, 64) for s in sc[i : i + 256]]).astype(np.float32)
+                            / 127.5
+                            - 1
+                        )
+                    )
+                )
+                for i in range(0, n, 256)
+            ]
+        )
         kinds = {"relation": [0] * n, "colour": [1] * n, "mix": [i % 3 for i in range(n)]}[a.neg]
         if name == "val" and a.neg == "mix":
             kinds = [0] * n  # validation always scores the relation
         neg = [negative(s, k, a.text) for s, k in zip(sc, kinds)]
         ids = model.tokenizer if a.text == "clip" else np.asarray
-        pos = ids([s.caption for s in sc] if a.text == "clip" else [oracle_ids(s, s.relation) for s in sc])
+        pos = ids(
+            [s.caption for s in sc] if a.text == "clip" else [oracle_ids(s, s.relation) for s in sc]
+        )
         sets[name] = (z, np.asarray(pos), np.asarray(ids(neg)))
-        if name == "train":  # what the score on the training pool counts: the relation (or the control)
+        if (
+            name == "train"
+        ):  # what the score on the training pool counts: the relation (or the control)
             ev = [negative(s, 1 if a.neg == "colour" else 0, a.text) for s in sc]
             sets["train-eval"] = (z, np.asarray(pos), np.asarray(ids(ev)))
     print(f"pools encoded in {time.time() - t0:.0f}s", flush=True)
@@ -179,7 +220,10 @@ def main():
         else:
             up = dict(model.params["unet"])
             co = up["conv_out"]
-            up["conv_out"] = {"kernel": jnp.zeros(co["kernel"].shape[:-1] + (1,)), "bias": jnp.zeros((1,))}
+            up["conv_out"] = {
+                "kernel": jnp.zeros(co["kernel"].shape[:-1] + (1,)),
+                "bias": jnp.zeros((1,)),
+            }
             params["net"] = up
         apply_net = lambda p, x, t, ctx: net.apply({"params": p}, x, t, ctx)[..., 0].mean((1, 2))  # noqa: E731
     else:
@@ -200,8 +244,10 @@ def main():
         al = ab[t][:, None, None, None]
         return jnp.sqrt(al) * z0 + jnp.sqrt(1 - al) * jax.random.normal(k2, z0.shape), t
 
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(optax.linear_schedule(0, a.lr, 25), weight_decay=0.0))
+    opt = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(optax.linear_schedule(0, a.lr, 25), weight_decay=0.0),
+    )
     st = opt.init(params)
 
     @jax.jit
@@ -210,9 +256,12 @@ def main():
         n = z0.shape[0]
 
         def loss(p):
-            lg = logit(p, jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([pos, neg]))
+            lg = logit(
+                p, jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([pos, neg])
+            )
             y = jnp.concatenate([jnp.ones(n), jnp.zeros(n)])
             return optax.sigmoid_binary_cross_entropy(lg, y).mean(), (lg[:n] > lg[n:]).mean()
+
         (l, acc), g = jax.value_and_grad(loss, has_aux=True)(p)
         u, st = opt.update(g, st, p)
         return optax.apply_updates(p, u), st, l, acc
@@ -225,22 +274,42 @@ def main():
     def evaluate(p, name):
         z, pos, neg = sets[name]
         m = min(len(z), 512)
-        return np.mean([float(pair_acc(p, jnp.asarray(z[i:i + 128]), jnp.asarray(pos[i:i + 128]),
-                                       jnp.asarray(neg[i:i + 128]), jax.random.key(10_000 + i)))
-                        for i in range(0, m, 128)])
+        return np.mean(
+            [
+                float(
+                    pair_acc(
+                        p,
+                        jnp.asarray(z[i : i + 128]),
+                        jnp.asarray(pos[i : i + 128]),
+                        jnp.asarray(neg[i : i + 128]),
+                        jax.random.key(10_000 + i),
+                    )
+                )
+                for i in range(0, m, 128)
+            ]
+        )
 
     rng = np.random.default_rng(0)
     z, pos, neg = sets["train"]
     t0, h = time.time(), []
     for i in range(a.steps):
         j = rng.integers(len(z), size=a.batch)
-        params, st, l, acc = step(params, st, jnp.asarray(z[j]), jnp.asarray(pos[j]), jnp.asarray(neg[j]),
-                                  jax.random.key(i))
+        params, st, l, acc = step(
+            params,
+            st,
+            jnp.asarray(z[j]),
+            jnp.asarray(pos[j]),
+            jnp.asarray(neg[j]),
+            jax.random.key(i),
+        )
         h.append((float(l), float(acc)))
         if (i + 1) % a.eval_every == 0 or i + 1 == a.steps:
-            m = np.mean(h[-a.eval_every:], 0)
-            print(f"step {i + 1} loss {m[0]:.3f} acc {m[1]:.3f} | train-pool {evaluate(params, 'train-eval'):.3f} "
-                  f"val {evaluate(params, 'val'):.3f} | {time.time() - t0:.0f}s", flush=True)
+            m = np.mean(h[-a.eval_every :], 0)
+            print(
+                f"step {i + 1} loss {m[0]:.3f} acc {m[1]:.3f} | train-pool {evaluate(params, 'train-eval'):.3f} "
+                f"val {evaluate(params, 'val'):.3f} | {time.time() - t0:.0f}s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

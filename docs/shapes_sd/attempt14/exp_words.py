@@ -4,18 +4,26 @@ reads, averaged over 8 object pairs. Experiment record, not library code; run fr
 
     python docs/shapes_sd/attempt14/exp_words.py models/shapes_sd [runs/OTHER_EXPORT ...]
 """
+
 import re
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.pretrained import load_pretrained
-from jaxdiff.text import TextTransformer
+from jaxdiff.convert.pretrained import load_pretrained
+from jaxdiff.models.text import TextTransformer
 
-PAIRS = [("red circle", "blue square"), ("green star", "yellow cross"), ("purple diamond", "orange triangle"),
-         ("cyan square", "pink circle"), ("blue star", "red diamond"), ("yellow circle", "green triangle"),
-         ("pink cross", "cyan star"), ("orange square", "purple circle")]
+PAIRS = [
+    ("red circle", "blue square"),
+    ("green star", "yellow cross"),
+    ("purple diamond", "orange triangle"),
+    ("cyan square", "pink circle"),
+    ("blue star", "red diamond"),
+    ("yellow circle", "green triangle"),
+    ("pink cross", "cyan star"),
+    ("orange square", "purple circle"),
+]
 SWAPS = [  # (name, caption with {a} {b}, word, replacement)
     ("above / below (relation)", "a {a} above a {b}", "above", "below"),
     ("left / right (relation)", "a {a} to the left of a {b}", "left", "right"),
@@ -38,7 +46,11 @@ def main(folders):
         for name, tmpl, w, w2 in SWAPS:
             emb, last = [], []
             for a, b in PAIRS:
-                cap = tmpl.format(a=a, b=b, sa=a.split()[1]).replace("a " + a, article(a), 1).replace("a " + b, article(b))
+                cap = (
+                    tmpl.format(a=a, b=b, sa=a.split()[1])
+                    .replace("a " + a, article(a), 1)
+                    .replace("a " + b, article(b))
+                )
                 other = re.sub(rf"\b{w}\b", w2, cap, count=1)
                 ids = np.asarray(m.tokenizer([cap, other]))
                 diff = np.nonzero(ids[0] != ids[1])[0]

@@ -11,6 +11,7 @@ evaluation reads captions and scores images by the spec's rule). The library has
 
     python docs/shapes_sd/attempt14/train_canon.py --workdir runs/a14_canon [--config.loop.steps=1200 ...]
 """
+
 import sys
 
 from jaxdiff.data import shapes_world as W
@@ -26,4 +27,5 @@ W._relation_cells = canonical_cells  # also in spawned render workers: they re-i
 
 if __name__ == "__main__":
     from jaxdiff.train.cli import main
+
     main(["--config", "configs/ldm_shapes_rel.py", *sys.argv[1:]])

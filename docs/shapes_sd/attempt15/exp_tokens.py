@@ -6,6 +6,7 @@ Experiment record, not library code; run from the repository root:
 
     python docs/shapes_sd/attempt15/exp_tokens.py models/shapes_sd [runs/OTHER_EXPORT ...]
 """
+
 import os
 import sys
 
@@ -15,8 +16,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "attempt14"))
 from exp_words import PAIRS, article  # noqa: E402
 
-from jaxdiff.pretrained import load_pretrained  # noqa: E402
-from jaxdiff.text import TextTransformer, eos_index  # noqa: E402
+from jaxdiff.convert.pretrained import load_pretrained  # noqa: E402
+from jaxdiff.models.text import TextTransformer, eos_index  # noqa: E402
 
 SWAPS = [("above", "below"), ("to the left of", "to the right of")]
 
@@ -31,14 +32,27 @@ def main(folders):
             for a, b in PAIRS:
                 caps = [f"{article(a)} {r} {article(b)}" for r in (r1, r2)]
                 ids = jnp.asarray(m.tokenizer(caps))
-                h = np.asarray(text.apply({"params": m.params["text_encoder"]}, ids)["last_hidden_state"])
+                h = np.asarray(
+                    text.apply({"params": m.params["text_encoder"]}, ids)["last_hidden_state"]
+                )
                 d = np.linalg.norm(h[0] - h[1], axis=-1) / np.linalg.norm(h[0], axis=-1)
-                cut = [int(eos_index(jnp.asarray(m.tokenizer([s])), m.text_config)[0])
-                       for s in (article(a), f"{article(a)} {r1}", caps[0])]  # ends of A, relation, B (+1 start)
-                for name, lo, hi in (("A", 1, cut[0]), (r1, cut[0], cut[1]), ("B", cut[1], cut[2]),
-                                     ("<end>", cut[2], cut[2] + 1)):
+                cut = [
+                    int(eos_index(jnp.asarray(m.tokenizer([s])), m.text_config)[0])
+                    for s in (article(a), f"{article(a)} {r1}", caps[0])
+                ]  # ends of A, relation, B (+1 start)
+                for name, lo, hi in (
+                    ("A", 1, cut[0]),
+                    (r1, cut[0], cut[1]),
+                    ("B", cut[1], cut[2]),
+                    ("<end>", cut[2], cut[2] + 1),
+                ):
                     parts[name].append(d[lo:hi].mean())
-            print(f"| {r1} / {r2} | " + " | ".join(f"{k} {np.mean(v):.2f}" for k, v in parts.items()) + " |")
+            print(
+                f"| {r1} / {r2} | "
+                + " | ".join(f"{k} {np.mean(v):.2f}" for k, v in parts.items())
+                + " |"
+            )
+
 
 if __name__ == "__main__":
     main(sys.argv[1:] or ["models/shapes_sd"])

@@ -9,6 +9,7 @@ Experiment record, not library code. Run from the repository root:
     jaxdiff export --workdir runs/ldm_shapes_words --out runs/words_2200 --overwrite
     python docs/shapes_sd/attempt15/train_canon_words.py --workdir runs/a15_canon_words [--config.loop.steps=N ...]
 """
+
 import os
 import sys
 
@@ -17,4 +18,12 @@ import train_canon  # noqa: E402,F401  (patches shapes_world's relation layouts,
 
 if __name__ == "__main__":
     from jaxdiff.train.cli import main
-    main(["--config", "configs/ldm_shapes_words.py", "--config.model.model_dir=runs/words_2200", *sys.argv[1:]])
+
+    main(
+        [
+            "--config",
+            "configs/ldm_shapes_words.py",
+            "--config.model.model_dir=runs/words_2200",
+            *sys.argv[1:],
+        ]
+    )

@@ -7,11 +7,12 @@ KIND is a scene kind or `all`; each W,LO,HI,STEPS runs `study.quick_check` at gu
 docs/shapes_sd/attempt16/sweep.json gathers what session 19 ran (the first runs patched the guidance by hand,
 with the same rule in timesteps, before the pipeline had the option).
 """
+
 import json
 import sys
 
 from jaxdiff.eval import study
-from jaxdiff.pipeline import Pipeline
+from jaxdiff.pipelines.stable_diffusion import Pipeline
 
 pipe = Pipeline.from_pretrained(sys.argv[1])
 kind = sys.argv[2] if sys.argv[2] != "all" else None

@@ -1,9 +1,10 @@
 """Attempt 16: the first 40 validation relation captions at the default settings (w = 2, t/T <= 0.5); prints the
 wrong ones with the evaluator's detections and writes a sheet of them to relbad.png (session 19: 10 of 40)."""
+
 from PIL import Image, ImageDraw
 
 from jaxdiff.eval import fidelity, study
-from jaxdiff.pipeline import Pipeline
+from jaxdiff.pipelines.stable_diffusion import Pipeline
 
 pipe = Pipeline.from_pretrained("models/shapes_sd")
 caps = study.captions_of("validation", 40, "relation")

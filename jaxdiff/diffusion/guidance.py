@@ -3,9 +3,10 @@
 A denoiser here is ``model(x, t, cond) -> output`` with ``cond`` any pytree whose leaves have the
 batch as their first axis (text tokens, pooled text, an image embedding, a low-resolution image).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,9 @@ import jax.numpy as jnp
 def pair(uncond, cond):
     """Interleave two batches [B, ...] into [2B, ...] as (u0, c0, u1, c1, ...): each data-parallel
     shard then holds both halves of its own samples, so guidance needs no cross-device traffic."""
-    return jax.tree.map(lambda u, c: jnp.stack([u, c], axis=1).reshape((-1,) + u.shape[1:]), uncond, cond)
+    return jax.tree.map(
+        lambda u, c: jnp.stack([u, c], axis=1).reshape((-1,) + u.shape[1:]), uncond, cond
+    )
 
 
 def unpair(x):
@@ -41,8 +44,9 @@ def mode_for(scale: float) -> str:
     return "cond" if scale == 1 else "uncond" if scale == 0 else "cfg"
 
 
-def classifier_free(model: Callable, cond, uncond, scale, *, rescale=0.0, mode: str = "cfg",
-                    interval=None) -> Callable:
+def classifier_free(
+    model: Callable, cond, uncond, scale, *, rescale=0.0, mode: str = "cfg", interval=None
+) -> Callable:
     """A denoiser ``(x, t) -> output`` guided by one model call per step on the paired batch.
 
     ``interval`` = (t_lo, t_hi), in the model's timesteps: guide only the calls with t_lo <= t <= t_hi and
@@ -58,6 +62,7 @@ def classifier_free(model: Callable, cond, uncond, scale, *, rescale=0.0, mode: 
     def guided(x, t):
         out_u, out_c = unpair(model(pair(x, x), t, both))
         return combine(out_u, out_c, scale, rescale)
+
     if interval is None:
         return guided
     lo, hi = interval
@@ -65,9 +70,12 @@ def classifier_free(model: Callable, cond, uncond, scale, *, rescale=0.0, mode: 
     def denoise(x, t):
         inside = jnp.logical_and(t >= lo, t <= hi)
         if jnp.ndim(inside):
-            raise ValueError(f"a guidance interval needs one timestep per call, got t of shape {jnp.shape(t)}")
-        dtype = jax.eval_shape(guided, x, t).dtype                  # both branches must return one type
+            raise ValueError(
+                f"a guidance interval needs one timestep per call, got t of shape {jnp.shape(t)}"
+            )
+        dtype = jax.eval_shape(guided, x, t).dtype  # both branches must return one type
         return jax.lax.cond(inside, guided, lambda x, t: model(x, t, cond).astype(dtype), x, t)
+
     return denoise
 
 
@@ -78,7 +86,9 @@ def classifier(denoise: Callable, log_prob: Callable, scale, sigma_of_t: Callabl
     ``log_prob(x, t)`` returns per-sample log-probabilities [B] of the target labels under a
     noise-aware classifier; ``sigma_of_t(t)`` gives sqrt(1 - alpha_bar_t).
     """
+
     def guided(x, t):
         grad = jax.grad(lambda z: jnp.sum(log_prob(z, t)))(x)
         return denoise(x, t) - sigma_of_t(t) * scale * grad
+
     return guided

@@ -6,29 +6,31 @@ to float32 rounding). A step is ``(state, x, model_output, coefficients, noise) 
 the scan carry holds latents and the sampler's history, never params. Shapes are free: the same
 code denoises SD latents [B, h, w, 4], pixels, or 1-D embeddings [B, D].
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import schedules as S
-from jaxdiff.schedules import Schedule
+from jaxdiff.diffusion import schedules as S
+from jaxdiff.diffusion.schedules import Schedule
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The calls of one sampling run: ``arrays['t'][k]`` is the timestep fed to the model at call k."""
+
     schedule: Schedule
-    arrays: dict                 # name -> [K] float32 (and 't'): scanned over
-    init_noise_sigma: float      # txt2img starts from noise * init_noise_sigma
-    noise_a: float               # img2img starts from noise_a * x0 + noise_s * noise
+    arrays: dict  # name -> [K] float32 (and 't'): scanned over
+    init_noise_sigma: float  # txt2img starts from noise * init_noise_sigma
+    noise_a: float  # img2img starts from noise_a * x0 + noise_s * noise
     noise_s: float
-    stochastic: bool             # draws fresh noise at some step
-    num_steps: int               # denoising steps (a Heun step is two model calls)
+    stochastic: bool  # draws fresh noise at some step
+    num_steps: int  # denoising steps (a Heun step is two model calls)
 
     @property
     def num_calls(self) -> int:
@@ -49,16 +51,24 @@ def _vp_start(ab, t):
 
 # ---------------------------------------------------------------- plans, one per sampler family
 
+
 def _plan_ddim(s: Schedule, n: int, begin: int, eta: float):
     ab = S.alphas_cumprod(s).astype(np.float64)
     ts = S.spaced_timesteps(s, n)
-    prev = ts - s.num_train_timesteps // n             # diffusers' DDIM uses this for every spacing
+    prev = ts - s.num_train_timesteps // n  # diffusers' DDIM uses this for every spacing
     final = 1.0 if s.set_alpha_to_one else ab[0]
     a_t, a_prev = ab[ts], np.where(prev >= 0, ab[np.maximum(prev, 0)], final)
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * np.sqrt(var)
-    c = dict(t=ts, c_in=np.ones(n), sqrt_a=np.sqrt(a_t), sqrt_1ma=np.sqrt(1 - a_t), sqrt_a_prev=np.sqrt(a_prev),
-             dir=np.sqrt(np.maximum(1 - a_prev - std ** 2, 0.0)), std=std)
+    c = dict(
+        t=ts,
+        c_in=np.ones(n),
+        sqrt_a=np.sqrt(a_t),
+        sqrt_1ma=np.sqrt(1 - a_t),
+        sqrt_a_prev=np.sqrt(a_prev),
+        dir=np.sqrt(np.maximum(1 - a_prev - std**2, 0.0)),
+        std=std,
+    )
     return c, 1.0, _vp_start(ab, ts[begin]), eta > 0
 
 
@@ -71,9 +81,18 @@ def _plan_ddpm(s: Schedule, n: int, begin: int, eta: float):
     beta_t = 1 - alpha_t
     var = np.maximum((1 - a_prev) / (1 - a_t) * beta_t, 1e-20)
     std = np.sqrt(beta_t if s.variance_type == "fixed_large" else var)
-    c = dict(t=ts, c_in=np.ones(n), sqrt_a=np.sqrt(a_t), sqrt_1ma=np.sqrt(1 - a_t),
-             x0_coef=np.sqrt(a_prev) * beta_t / (1 - a_t), xt_coef=np.sqrt(alpha_t) * (1 - a_prev) / (1 - a_t),
-             std=std * (ts > 0), min_log=np.log(var), max_log=np.log(beta_t), has_noise=(ts > 0) * 1.0)
+    c = dict(
+        t=ts,
+        c_in=np.ones(n),
+        sqrt_a=np.sqrt(a_t),
+        sqrt_1ma=np.sqrt(1 - a_t),
+        x0_coef=np.sqrt(a_prev) * beta_t / (1 - a_t),
+        xt_coef=np.sqrt(alpha_t) * (1 - a_prev) / (1 - a_t),
+        std=std * (ts > 0),
+        min_log=np.log(var),
+        max_log=np.log(beta_t),
+        has_noise=(ts > 0) * 1.0,
+    )
     return c, 1.0, _vp_start(ab, ts[begin]), True
 
 
@@ -92,7 +111,7 @@ def _sigma_tables(s: Schedule, n: int, karras: bool, final_zero: bool):
     if not 1 <= n <= s.num_train_timesteps:
         raise S.ScheduleError(f"steps must be between 1 and {s.num_train_timesteps}, got {n}")
     ab = S.alphas_cumprod(s, sigma_safe=True)
-    full = ((1 - ab) / ab) ** 0.5                                  # float32, like diffusers
+    full = ((1 - ab) / ab) ** 0.5  # float32, like diffusers
     ts = _karras_like_timesteps(s, n)
     sig = np.interp(ts, np.arange(len(full)), full)
     if karras:
@@ -106,18 +125,19 @@ def _sigma_tables(s: Schedule, n: int, karras: bool, final_zero: bool):
 
 def _init_sigma(s: Schedule, sigmas) -> float:
     m = float(np.max(sigmas))
-    return m if s.timestep_spacing in ("linspace", "trailing") else float((m ** 2 + 1) ** 0.5)
+    return m if s.timestep_spacing in ("linspace", "trailing") else float((m**2 + 1) ** 0.5)
 
 
 def _plan_euler(s: Schedule, n: int, begin: int, eta: float, ancestral: bool = False):
-    sig, ts = _sigma_tables(s, n, s.use_karras_sigmas and not ancestral,
-                            ancestral or s.final_sigmas_type == "zero")
+    sig, ts = _sigma_tables(
+        s, n, s.use_karras_sigmas and not ancestral, ancestral or s.final_sigmas_type == "zero"
+    )
     sig64 = sig.astype(np.float64)
     c = dict(t=ts, sigma=sig64[:-1], sigma_next=sig64[1:], c_in=1 / np.sqrt(sig64[:-1] ** 2 + 1))
     if ancestral:
         fr, to = sig64[:-1], sig64[1:]
-        up = np.sqrt(to ** 2 * (fr ** 2 - to ** 2) / fr ** 2)
-        c.update(sigma_up=up, sigma_down=np.sqrt(to ** 2 - up ** 2))
+        up = np.sqrt(to**2 * (fr**2 - to**2) / fr**2)
+        c.update(sigma_up=up, sigma_down=np.sqrt(to**2 - up**2))
     return c, _init_sigma(s, sig), (1.0, float(sig[begin])), ancestral
 
 
@@ -127,13 +147,18 @@ def _plan_heun(s: Schedule, n: int, begin: int, eta: float):
     il = np.concatenate([sig[:1], np.repeat(sig[1:-1], 2), sig[-1:]]).astype(np.float64)
     t_il = np.concatenate([ts[:1], np.repeat(ts[1:], 2)])
     K = len(t_il)
-    first = (np.arange(K) % 2 == 0)
+    first = np.arange(K) % 2 == 0
     nxt = np.append(il[1:], 0.0)
-    sigma = np.where(first, il[:K], il[np.maximum(np.arange(K) - 1, 0)])      # predictor's sigma
+    sigma = np.where(first, il[:K], il[np.maximum(np.arange(K) - 1, 0)])  # predictor's sigma
     sigma_next = np.where(first, nxt[:K], il[:K])
     dt = sigma_next - sigma
-    c = dict(t=t_il, c_in=1 / np.sqrt(il[:K] ** 2 + 1), first=first * 1.0,
-             sigma_in=np.where(first, sigma, sigma_next), dt=dt)
+    c = dict(
+        t=t_il,
+        c_in=1 / np.sqrt(il[:K] ** 2 + 1),
+        first=first * 1.0,
+        sigma_in=np.where(first, sigma, sigma_next),
+        dt=dt,
+    )
     return c, _init_sigma(s, sig), (1.0, float(il[begin])), False
 
 
@@ -146,7 +171,9 @@ def _dpm_timesteps(s: Schedule, n: int) -> np.ndarray:
     if s.timestep_spacing == "linspace":
         return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
     if s.timestep_spacing == "leading":
-        return (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1].astype(np.int64) + s.steps_offset
+        return (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1].astype(
+            np.int64
+        ) + s.steps_offset
     return np.arange(last, 0, -T / n).round().astype(np.int64) - 1
 
 
@@ -165,7 +192,7 @@ def _plan_dpm(s: Schedule, n: int, begin: int, eta: float):
         sig = np.interp(ts, np.arange(len(full)), full)
     last = 0.0 if s.final_sigmas_type == "zero" else float(((1 - ab[0]) / ab[0]) ** 0.5)
     sig = np.concatenate([sig, [last]]).astype(np.float32).astype(np.float64)
-    alpha = 1 / np.sqrt(sig ** 2 + 1)
+    alpha = 1 / np.sqrt(sig**2 + 1)
     sigt = sig * alpha
     with np.errstate(divide="ignore", invalid="ignore"):
         lam = np.log(alpha) - np.log(sigt)
@@ -179,10 +206,20 @@ def _plan_dpm(s: Schedule, n: int, begin: int, eta: float):
             C = -0.5 * alpha[i + 1] * em1 / r0
         else:
             C = alpha[i + 1] * (em1 / h + 1.0) / r0
-    lower_final = s.euler_at_final or (s.lower_order_final and n < 15) or s.final_sigmas_type == "zero"
+    lower_final = (
+        s.euler_at_final or (s.lower_order_final and n < 15) or s.final_sigmas_type == "zero"
+    )
     first_order = (i == begin) | (s.solver_order == 1) | ((i == n - 1) & lower_final)
     C = np.where(first_order, 0.0, C)
-    c = dict(t=ts.astype(np.float64), c_in=np.ones(n), alpha_s=alpha[:-1], sigma_s=sigt[:-1], A=A, B=B, C=C)
+    c = dict(
+        t=ts.astype(np.float64),
+        c_in=np.ones(n),
+        alpha_s=alpha[:-1],
+        sigma_s=sigt[:-1],
+        A=A,
+        B=B,
+        C=C,
+    )
     return c, 1.0, (float(alpha[begin]), float(sigt[begin])), False
 
 
@@ -201,8 +238,13 @@ def _plan_pndm(s: Schedule, n: int, begin: int, eta: float):
     final = 1.0 if s.set_alpha_to_one else ab[0]
     ratio = T // n
     rows, n_ets = [], 0
-    adams = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
-    for counter, t in enumerate(calls):                  # replays PNDMScheduler.step_plms' bookkeeping
+    adams = {
+        1: [1.0],
+        2: [1.5, -0.5],
+        3: [23 / 12, -16 / 12, 5 / 12],
+        4: [55 / 24, -59 / 24, 37 / 24, -9 / 24],
+    }
+    for counter, t in enumerate(calls):  # replays PNDMScheduler.step_plms' bookkeeping
         t_from, t_to = int(t), int(t) - ratio
         push = counter != 1
         if not push:
@@ -215,10 +257,24 @@ def _plan_pndm(s: Schedule, n: int, begin: int, eta: float):
             w[:n_ets], w_raw = adams[n_ets], 0.0
         a_t, a_prev = ab[t_from], (ab[t_to] if t_to >= 0 else final)
         denom = a_t * np.sqrt(1 - a_prev) + np.sqrt(a_t * (1 - a_t) * a_prev)
-        rows.append(dict(t=t, c_in=1.0, push=float(push), w_raw=w_raw, w0=w[0], w1=w[1], w2=w[2], w3=w[3],
-                         save_cur=float(counter == 0), use_cur=float(counter == 1),
-                         A=np.sqrt(a_prev / a_t), B=-(a_prev - a_t) / denom,
-                         va=np.sqrt(a_t), vb=np.sqrt(1 - a_t)))
+        rows.append(
+            dict(
+                t=t,
+                c_in=1.0,
+                push=float(push),
+                w_raw=w_raw,
+                w0=w[0],
+                w1=w[1],
+                w2=w[2],
+                w3=w[3],
+                save_cur=float(counter == 0),
+                use_cur=float(counter == 1),
+                A=np.sqrt(a_prev / a_t),
+                B=-(a_prev - a_t) / denom,
+                va=np.sqrt(a_t),
+                vb=np.sqrt(1 - a_t),
+            )
+        )
     c = {k: np.array([r[k] for r in rows]) for k in rows[0]}
     return c, 1.0, _vp_start(ab, calls[0]), False
 
@@ -246,36 +302,53 @@ def _plan_unipc(s: Schedule, n: int, begin: int, eta: float):
     if s.final_sigmas_type != "zero":
         ab = S.alphas_cumprod(s, sigma_safe=True)
         sig[-1] = float(np.float32(((1 - ab[0]) / ab[0]) ** 0.5))
-    alpha = 1 / np.sqrt(sig ** 2 + 1)
+    alpha = 1 / np.sqrt(sig**2 + 1)
     sigt = sig * alpha
     with np.errstate(divide="ignore", invalid="ignore"):
         lam = np.log(alpha) - np.log(sigt)
         rows, prev_order = [], 0
         for i in range(n):
             r = dict(pA=0.0, pM=0.0, pD=0.0, cA=0.0, cM=0.0, cD=0.0, cE=0.0, use_c=0.0)
-            if i > begin:                                       # corrector for the previous step
+            if i > begin:  # corrector for the previous step
                 A, M, B_h, rk, b = _unipc_coefs(lam, alpha, sigt, i - 1, i, i - 2, prev_order)
                 if prev_order == 1:
                     rhos = np.array([0.5])
                 else:
                     rhos = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), b)
-                r.update(use_c=1.0, cA=A, cM=M, cE=-alpha[i] * B_h * rhos[-1],
-                         cD=(-alpha[i] * B_h * rhos[0] / rk) if prev_order == 2 else 0.0)
+                r.update(
+                    use_c=1.0,
+                    cA=A,
+                    cM=M,
+                    cE=-alpha[i] * B_h * rhos[-1],
+                    cD=(-alpha[i] * B_h * rhos[0] / rk) if prev_order == 2 else 0.0,
+                )
             order = min(s.solver_order, n - i) if s.lower_order_final else s.solver_order
             order = min(order, i - begin + 1)
             A, M, B_h, rk, _ = _unipc_coefs(lam, alpha, sigt, i, i + 1, i - 1, order)
             r.update(pA=A, pM=M, pD=(-alpha[i + 1] * B_h * 0.5 / rk) if order == 2 else 0.0)
             rows.append(r)
             prev_order = order
-    c = dict(t=c["t"], c_in=c["c_in"], alpha_s=c["alpha_s"], sigma_s=c["sigma_s"],
-             **{k: np.array([r[k] for r in rows]) for k in rows[0]})
+    c = dict(
+        t=c["t"],
+        c_in=c["c_in"],
+        alpha_s=c["alpha_s"],
+        sigma_s=c["sigma_s"],
+        **{k: np.array([r[k] for r in rows]) for k in rows[0]},
+    )
     return c, init, start, stochastic
 
 
-_PLANS = {"ddim": _plan_ddim, "ddpm": _plan_ddpm, "euler": _plan_euler,
-          "euler_a": lambda s, n, b, e: _plan_euler(s, n, b, e, ancestral=True),
-          "heun": _plan_heun, "dpm++2m": _plan_dpm, "dpm++2m_karras": _plan_dpm, "pndm": _plan_pndm,
-          "unipc": _plan_unipc}
+_PLANS = {
+    "ddim": _plan_ddim,
+    "ddpm": _plan_ddpm,
+    "euler": _plan_euler,
+    "euler_a": lambda s, n, b, e: _plan_euler(s, n, b, e, ancestral=True),
+    "heun": _plan_heun,
+    "dpm++2m": _plan_dpm,
+    "dpm++2m_karras": _plan_dpm,
+    "pndm": _plan_pndm,
+    "unipc": _plan_unipc,
+}
 _ORDER = {"heun": 2}
 
 
@@ -285,7 +358,9 @@ def img2img_start(num_steps: int, strength: float) -> int:
     return max(num_steps - init, 0)
 
 
-def make_plan(schedule: Schedule, num_steps: int, *, strength: float | None = None, eta: float = 0.0) -> Plan:
+def make_plan(
+    schedule: Schedule, num_steps: int, *, strength: float | None = None, eta: float = 0.0
+) -> Plan:
     """The host-side tables for ``num_steps`` denoising steps; ``strength`` < 1 starts part-way (img2img)."""
     if strength is not None and not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -294,8 +369,8 @@ def make_plan(schedule: Schedule, num_steps: int, *, strength: float | None = No
     order = _ORDER.get(schedule.sampler, 1)
     start = 0 if strength is None else img2img_start(num_steps, strength)
     begin = start * order
-    slice_from = 0 if schedule.sampler == "pndm" else begin   # PLMS slices (and restarts) itself
-    if start >= num_steps:                               # strength 0: nothing to denoise
+    slice_from = 0 if schedule.sampler == "pndm" else begin  # PLMS slices (and restarts) itself
+    if start >= num_steps:  # strength 0: nothing to denoise
         c, init_sigma, _, stochastic = _PLANS[schedule.sampler](schedule, num_steps, 0, eta)
         arrays = {k: np.asarray(v)[:0] for k, v in c.items()}
         return Plan(schedule, _f32(arrays), init_sigma, 1.0, 0.0, False, 0)
@@ -306,11 +381,14 @@ def make_plan(schedule: Schedule, num_steps: int, *, strength: float | None = No
 
 # ---------------------------------------------------------------- steps
 
+
 def _threshold(x0, s: Schedule):
     """Imagen's dynamic thresholding (per sample), or plain clipping when so configured."""
     if s.thresholding:
         flat = jnp.abs(x0.reshape(x0.shape[0], -1)).astype(jnp.float32)
-        q = jnp.clip(jnp.quantile(flat, s.dynamic_thresholding_ratio, axis=1), 1.0, s.sample_max_value)
+        q = jnp.clip(
+            jnp.quantile(flat, s.dynamic_thresholding_ratio, axis=1), 1.0, s.sample_max_value
+        )
         q = q.reshape((-1,) + (1,) * (x0.ndim - 1))
         return (jnp.clip(x0, -q, q) / q).astype(x0.dtype)
     if s.clip_sample:
@@ -324,7 +402,7 @@ def _vp_x0_eps(s: Schedule, x, out, sqrt_a, sqrt_1ma):
         return (x - sqrt_1ma * out) / sqrt_a, out
     if s.prediction_type == "sample":
         return out, (x - sqrt_a * out) / sqrt_1ma
-    return sqrt_a * x - sqrt_1ma * out, sqrt_a * out + sqrt_1ma * x          # v-prediction
+    return sqrt_a * x - sqrt_1ma * out, sqrt_a * out + sqrt_1ma * x  # v-prediction
 
 
 def _sigma_x0(s: Schedule, x, out, sigma):
@@ -333,7 +411,7 @@ def _sigma_x0(s: Schedule, x, out, sigma):
         return x - sigma * out
     if s.prediction_type == "sample":
         return out
-    return out * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
+    return out * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
 
 
 def _step_ddim(s, state, x, out, c, noise):
@@ -402,7 +480,9 @@ def _step_pndm(s, state, x, out, c, noise):
     # PLMS (Liu et al. 2022): Adams-Bashforth over the last four eps, ets[3] newest.
     push = c["push"] > 0
     ets = jnp.where(push, jnp.concatenate([state["ets"][1:], out[None]], 0), state["ets"])
-    eff = c["w_raw"] * out + c["w0"] * ets[3] + c["w1"] * ets[2] + c["w2"] * ets[1] + c["w3"] * ets[0]
+    eff = (
+        c["w_raw"] * out + c["w0"] * ets[3] + c["w1"] * ets[2] + c["w2"] * ets[1] + c["w3"] * ets[0]
+    )
     src = jnp.where(c["use_cur"] > 0, state["cur"], x)
     if s.prediction_type == "v_prediction":
         eff = c["va"] * eff + c["vb"] * src
@@ -414,23 +494,34 @@ def _step_unipc(s, state, x, out, c, noise):
     # UniPC: correct the previous step with this model output (UniC), then predict the next (UniP).
     m = _data_prediction(s, x, out, c)
     m0, m1 = state["m0"], state["m1"]
-    corrected = (c["cA"] * state["last"] + c["cM"] * m0 + c["cD"] * (m1 - m0) + c["cE"] * (m - m0))
+    corrected = c["cA"] * state["last"] + c["cM"] * m0 + c["cD"] * (m1 - m0) + c["cE"] * (m - m0)
     x = jnp.where(c["use_c"] > 0, corrected, x)
     x_next = c["pA"] * x + c["pM"] * m + c["pD"] * (m0 - m)
     return x_next, dict(last=x, m0=m, m1=m0)
 
 
-STEPS: dict[str, Callable] = {"ddim": _step_ddim, "ddpm": _step_ddpm, "euler": _step_euler,
-                              "euler_a": _step_euler_a, "heun": _step_heun, "dpm++2m": _step_dpm,
-                              "dpm++2m_karras": _step_dpm, "pndm": _step_pndm,
-                              "unipc": _step_unipc}
+STEPS: dict[str, Callable] = {
+    "ddim": _step_ddim,
+    "ddpm": _step_ddpm,
+    "euler": _step_euler,
+    "euler_a": _step_euler_a,
+    "heun": _step_heun,
+    "dpm++2m": _step_dpm,
+    "dpm++2m_karras": _step_dpm,
+    "pndm": _step_pndm,
+    "unipc": _step_unipc,
+}
 
 
 def init_state(s: Schedule, x) -> dict:
     z = jnp.zeros_like(x)
-    return {"heun": lambda: dict(x=z, d=z), "dpm++2m": lambda: dict(m=z), "dpm++2m_karras": lambda: dict(m=z),
-            "pndm": lambda: dict(ets=jnp.zeros((4,) + x.shape, x.dtype), cur=z),
-            "unipc": lambda: dict(last=z, m0=z, m1=z)}.get(s.sampler, dict)()
+    return {
+        "heun": lambda: dict(x=z, d=z),
+        "dpm++2m": lambda: dict(m=z),
+        "dpm++2m_karras": lambda: dict(m=z),
+        "pndm": lambda: dict(ets=jnp.zeros((4,) + x.shape, x.dtype), cur=z),
+        "unipc": lambda: dict(last=z, m0=z, m1=z),
+    }.get(s.sampler, dict)()
 
 
 def add_noise(plan: Plan, x0, noise):
@@ -443,8 +534,18 @@ def step_noise(keys, k, shape, dtype=jnp.float32):
     return jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, k), shape[1:], dtype))(keys)
 
 
-def sample(denoise: Callable, schedule: Schedule, arrays: dict, x, *, stochastic: bool = False, keys=None,
-           noise=None, trajectory: bool = False, callback: Callable | None = None):
+def sample(
+    denoise: Callable,
+    schedule: Schedule,
+    arrays: dict,
+    x,
+    *,
+    stochastic: bool = False,
+    keys=None,
+    noise=None,
+    trajectory: bool = False,
+    callback: Callable | None = None,
+):
     """Run every call of a plan in one ``lax.scan``. Traceable; call inside jit.
 
     denoise(x_in, t) -> model output, with x_in = x * c_in and t the call's timestep.

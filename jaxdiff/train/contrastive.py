@@ -17,6 +17,7 @@ Sharded (``mesh`` with more than one device on the batch axes), inside ``jax.sha
     travel round a ring (``ppermute``, n - 1 hops) and each device only ever holds a [B/n, B/n] block
     of logits, as in SigLIP's chunked implementation. Memory stays flat as the batch grows.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,12 +32,15 @@ LOSSES = ("softmax", "sigmoid")
 def softmax_loss(img, txt, logit_scale):
     """Symmetric InfoNCE on one device: (loss, metrics)."""
     t = jnp.exp(logit_scale)
-    logits = t * img.astype(jnp.float32) @ txt.astype(jnp.float32).T             # [B, B]
+    logits = t * img.astype(jnp.float32) @ txt.astype(jnp.float32).T  # [B, B]
     diag = jnp.diagonal(logits)
-    loss_i = jax.nn.logsumexp(logits, axis=1) - diag                              # image -> its caption
-    loss_t = jax.nn.logsumexp(logits, axis=0) - diag                              # caption -> its image
+    loss_i = jax.nn.logsumexp(logits, axis=1) - diag  # image -> its caption
+    loss_t = jax.nn.logsumexp(logits, axis=0) - diag  # caption -> its image
     idx = jnp.arange(logits.shape[0])
-    metrics = {"i2t_acc": jnp.mean(jnp.argmax(logits, 1) == idx), "t2i_acc": jnp.mean(jnp.argmax(logits, 0) == idx)}
+    metrics = {
+        "i2t_acc": jnp.mean(jnp.argmax(logits, 1) == idx),
+        "t2i_acc": jnp.mean(jnp.argmax(logits, 0) == idx),
+    }
     return (jnp.mean(loss_i) + jnp.mean(loss_t)) / 2, metrics
 
 
@@ -52,13 +56,15 @@ def _gathered_softmax(img, txt, logit_scale, axes):
     b = img.shape[0]
     t = jnp.exp(logit_scale)
     img, txt = img.astype(jnp.float32), txt.astype(jnp.float32)
-    all_img = jax.lax.all_gather(img, axes, tiled=True)                           # [B, P]
+    all_img = jax.lax.all_gather(img, axes, tiled=True)  # [B, P]
     all_txt = jax.lax.all_gather(txt, axes, tiled=True)
     rows = jnp.arange(b)
-    own = jax.lax.axis_index(axes) * b + rows                                     # global index of each row
-    li = t * img @ all_txt.T                                                      # [b, B]: image rows
-    lt = t * txt @ all_img.T                                                      # [b, B]: caption rows
-    loss = jnp.sum(jax.nn.logsumexp(li, 1) - li[rows, own]) + jnp.sum(jax.nn.logsumexp(lt, 1) - lt[rows, own])
+    own = jax.lax.axis_index(axes) * b + rows  # global index of each row
+    li = t * img @ all_txt.T  # [b, B]: image rows
+    lt = t * txt @ all_img.T  # [b, B]: caption rows
+    loss = jnp.sum(jax.nn.logsumexp(li, 1) - li[rows, own]) + jnp.sum(
+        jax.nn.logsumexp(lt, 1) - lt[rows, own]
+    )
     hits_i = jnp.sum(jnp.argmax(li, 1) == own)
     hits_t = jnp.sum(jnp.argmax(lt, 1) == own)
     n = b * jax.lax.psum(1, axes)
@@ -72,23 +78,24 @@ def _ring_sigmoid(img, txt, logit_scale, logit_bias, axes, n):
     img, txt = img.astype(jnp.float32), txt.astype(jnp.float32)
 
     def block(txt_k, positives):
-        logits = t * img @ txt_k.T + logit_bias                                  # [b, b]
-        z = 2 * jnp.eye(b) * positives - 1                                        # +1 only on our own diagonal
+        logits = t * img @ txt_k.T + logit_bias  # [b, b]
+        z = 2 * jnp.eye(b) * positives - 1  # +1 only on our own diagonal
         return -jnp.sum(jax.nn.log_sigmoid(z * logits))
 
     perm = [(i, (i + 1) % n) for i in range(n)]
 
     def hop(carry, _):
         txt_k, total = carry
-        txt_k = jax.lax.ppermute(txt_k, axes, perm)                               # the next device's captions
+        txt_k = jax.lax.ppermute(txt_k, axes, perm)  # the next device's captions
         return (txt_k, total + block(txt_k, 0.0)), None
 
     (_, total), _ = jax.lax.scan(hop, (txt, block(txt, 1.0)), None, length=n - 1)
     return jax.lax.psum(total, axes) / (b * n), {}
 
 
-def contrastive_loss(img, txt, logit_scale, logit_bias=None, *, kind: str = "softmax", mesh=None,
-                     batch_axes=None):
+def contrastive_loss(
+    img, txt, logit_scale, logit_bias=None, *, kind: str = "softmax", mesh=None, batch_axes=None
+):
     """The global-batch loss of normalised embeddings [B, P]; (loss, metrics).
 
     mesh / batch_axes: the mesh and the axis (or axes) the batch is split over; with more than one
@@ -102,13 +109,20 @@ def contrastive_loss(img, txt, logit_scale, logit_bias=None, *, kind: str = "sof
     axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
     n = math.prod(mesh.shape[a] for a in axes) if mesh is not None else 1
     if n == 1:
-        return softmax_loss(img, txt, logit_scale) if kind == "softmax" else sigmoid_loss(img, txt, logit_scale, bias)
+        return (
+            softmax_loss(img, txt, logit_scale)
+            if kind == "softmax"
+            else sigmoid_loss(img, txt, logit_scale, bias)
+        )
     if img.shape[0] % n:
         raise ValueError(f"a batch of {img.shape[0]} does not split over {n} devices")
     spec = P(axes)
     if kind == "softmax":
-        f = lambda x, y, s: _gathered_softmax(x, y, s, axes)                      # noqa: E731
-        return jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, P()), out_specs=(P(), P()))(img, txt, logit_scale)
-    f = lambda x, y, s, b: _ring_sigmoid(x, y, s, b, axes, n)                     # noqa: E731
+        f = lambda x, y, s: _gathered_softmax(x, y, s, axes)  # noqa: E731
+        return jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, P()), out_specs=(P(), P()))(
+            img, txt, logit_scale
+        )
+    f = lambda x, y, s, b: _ring_sigmoid(x, y, s, b, axes, n)  # noqa: E731
     return jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=(P(), P()))(
-        img, txt, logit_scale, bias)
+        img, txt, logit_scale, bias
+    )

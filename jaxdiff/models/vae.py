@@ -1,4 +1,5 @@
 """The KL autoencoder of latent diffusion (diffusers' ``AutoencoderKL``), NHWC."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxdiff.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+from jaxdiff.models.layers import (
+    Attention,
+    Downsample2D,
+    ResnetBlock2D,
+    Upsample2D,
+    conv,
+    group_norm,
+)
 
 Dtype = Any
 
@@ -21,7 +29,7 @@ class VAEConfig:
     layers_per_block: int = 2
     latent_channels: int = 4
     norm_num_groups: int = 32
-    scaling_factor: float = 0.18215   # latents are multiplied by this before diffusion
+    scaling_factor: float = 0.18215  # latents are multiplied by this before diffusion
     shift_factor: float | None = None
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
@@ -34,9 +42,13 @@ class VAEConfig:
 
 
 PRESETS = {
-    "tiny": VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32),
+    "tiny": VAEConfig(
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32
+    ),
     # the shapes world: 64 px -> 16 x 16 x 4 latents (configs/vae_shapes.py)
-    "shapes": VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64),
+    "shapes": VAEConfig(
+        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64
+    ),
     "sd15": VAEConfig(),
     "sd21": VAEConfig(sample_size=768),
     "sdxl": VAEConfig(scaling_factor=0.13025, sample_size=1024),
@@ -46,6 +58,7 @@ PRESETS = {
 @dataclasses.dataclass(frozen=True)
 class DiagonalGaussian:
     """The encoder's posterior q(z|x) = N(mean, exp(logvar))."""
+
     mean: jax.Array
     logvar: jax.Array
 
@@ -66,7 +79,9 @@ class DiagonalGaussian:
 
     def kl(self):
         # KL(N(mu, s^2) || N(0, 1)) = 1/2 sum(mu^2 + s^2 - 1 - log s^2), per example
-        return 0.5 * jnp.sum(self.mean**2 + jnp.exp(self.logvar) - 1.0 - self.logvar, axis=(1, 2, 3))
+        return 0.5 * jnp.sum(
+            self.mean**2 + jnp.exp(self.logvar) - 1.0 - self.logvar, axis=(1, 2, 3)
+        )
 
 
 jax.tree_util.register_dataclass(DiagonalGaussian, data_fields=["mean", "logvar"], meta_fields=[])
@@ -84,8 +99,14 @@ class _Mid(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = ResnetBlock2D(self.channels, self.groups, 1e-6, name="resnets_0", **kw)(x)
         if self.attention:
-            x = Attention(1, self.channels, qkv_bias=True, group_norm_groups=self.groups,
-                          name="attentions_0", **kw)(x)
+            x = Attention(
+                1,
+                self.channels,
+                qkv_bias=True,
+                group_norm_groups=self.groups,
+                name="attentions_0",
+                **kw,
+            )(x)
         return ResnetBlock2D(self.channels, self.groups, 1e-6, name="resnets_1", **kw)(x)
 
 
@@ -120,10 +141,21 @@ class Encoder(nn.Module):
         n = len(cfg.block_out_channels)
         x = conv(cfg.block_out_channels[0], name="conv_in", **kw)(x)
         for i, ch in enumerate(cfg.block_out_channels):
-            x = _Block(ch, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < n - 1 else None,
-                       name=f"down_blocks_{i}", **kw)(x)
-        x = _Mid(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention,
-                 name="mid_block", **kw)(x)
+            x = _Block(
+                ch,
+                cfg.layers_per_block,
+                cfg.norm_num_groups,
+                "down" if i < n - 1 else None,
+                name=f"down_blocks_{i}",
+                **kw,
+            )(x)
+        x = _Mid(
+            cfg.block_out_channels[-1],
+            cfg.norm_num_groups,
+            cfg.mid_block_add_attention,
+            name="mid_block",
+            **kw,
+        )(x)
         x = nn.silu(group_norm(cfg.norm_num_groups, 1e-6, name="conv_norm_out", **kw)(x))
         return conv(2 * cfg.latent_channels, name="conv_out", **kw)(x)
 
@@ -138,10 +170,18 @@ class Decoder(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         chans = cfg.block_out_channels[::-1]
         x = conv(chans[0], name="conv_in", **kw)(z)
-        x = _Mid(chans[0], cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
+        x = _Mid(
+            chans[0], cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw
+        )(x)
         for i, ch in enumerate(chans):
-            x = _Block(ch, cfg.layers_per_block + 1, cfg.norm_num_groups,
-                       "up" if i < len(chans) - 1 else None, name=f"up_blocks_{i}", **kw)(x)
+            x = _Block(
+                ch,
+                cfg.layers_per_block + 1,
+                cfg.norm_num_groups,
+                "up" if i < len(chans) - 1 else None,
+                name=f"up_blocks_{i}",
+                **kw,
+            )(x)
         x = nn.silu(group_norm(cfg.norm_num_groups, 1e-6, name="conv_norm_out", **kw)(x))
         return conv(cfg.out_channels, name="conv_out", **kw)(x)
 
@@ -152,6 +192,7 @@ class AutoencoderKL(nn.Module):
     Latents here are unscaled; multiply by ``config.scaling_factor`` (after subtracting
     ``shift_factor``) before diffusion, as diffusers' pipelines do (``scale_latents``).
     """
+
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32

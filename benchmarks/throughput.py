@@ -1,12 +1,13 @@
 """Input pipeline throughput (examples/s) on this machine, decode to tokenised host batch.
 
-    python -m jaxdiff.data.throughput --source folder:DIR --resolution 64 --batch 64 --steps 50
-    python -m jaxdiff.data.throughput --source shapes_world:DATA_DIR --steps 200
-    python -m jaxdiff.data.throughput --source synthetic --steps 200      # in-memory decoded arrays
-    python -m jaxdiff.data.throughput --make-jpegs DIR --count 3000       # a folder of test photos
+    python benchmarks/throughput.py --source folder:DIR --resolution 64 --batch 64 --steps 50
+    python benchmarks/throughput.py --source shapes_world:DATA_DIR --steps 200
+    python benchmarks/throughput.py --source synthetic --steps 200      # in-memory decoded arrays
+    python benchmarks/throughput.py --make-jpegs DIR --count 3000       # a folder of test photos
 
-Results are merged into `bench_out/data_throughput.json`, one entry per source kind.
+Results are merged into `benchmarks/results/data_throughput.json`, one entry per source kind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,17 @@ def make_jpeg_folder(folder, count: int = 3000, seed: int = 0) -> Path:
     import skimage.data
     from PIL import Image
 
-    names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
-             "retina", "colorwheel", "stereo_motorcycle")
+    names = (
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "immunohistochemistry",
+        "hubble_deep_field",
+        "retina",
+        "colorwheel",
+        "stereo_motorcycle",
+    )
     photos = []
     for n in names:
         x = getattr(skimage.data, n)()
@@ -41,9 +51,11 @@ def make_jpeg_folder(folder, count: int = 3000, seed: int = 0) -> Path:
         h, w = photo.shape[:2]
         ch, cw = int(rng.integers(h // 3, h + 1)), int(rng.integers(w // 3, w + 1))
         y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        img = Image.fromarray(np.ascontiguousarray(photo[y:y + ch, x:x + cw]))
+        img = Image.fromarray(np.ascontiguousarray(photo[y : y + ch, x : x + cw]))
         scale = rng.uniform(160, 640) / max(ch, cw)
-        img = img.resize((max(8, round(cw * scale)), max(8, round(ch * scale))), Image.Resampling.BILINEAR)
+        img = img.resize(
+            (max(8, round(cw * scale)), max(8, round(ch * scale))), Image.Resampling.BILINEAR
+        )
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         sub = folder / f"{i // 1000:03d}"
@@ -53,16 +65,19 @@ def make_jpeg_folder(folder, count: int = 3000, seed: int = 0) -> Path:
     return folder
 
 
-def measure(source, resolution: int, batch: int, steps: int, warmup: int, threads: int,
-            tokenize: bool) -> dict:
+def measure(
+    source, resolution: int, batch: int, steps: int, warmup: int, threads: int, tokenize: bool
+) -> dict:
     from jaxdiff.data.pipeline import PipelineConfig, make_pipeline
 
     tokenizer = None
     if tokenize:
         from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer
+
         tokenizer = Tokenizer(write_clip_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer"))
-    cfg = PipelineConfig(resolution=resolution, global_batch=batch, num_threads=threads,
-                         shard_index=0, shard_count=1)
+    cfg = PipelineConfig(
+        resolution=resolution, global_batch=batch, num_threads=threads, shard_index=0, shard_count=1
+    )
     pipe = make_pipeline(source, cfg, tokenizer)
     it = iter(pipe.dataset)
     for _ in range(warmup):
@@ -73,20 +88,28 @@ def measure(source, resolution: int, batch: int, steps: int, warmup: int, thread
     seconds = time.perf_counter() - t0
     it.close()
     assert b["image"].shape == (batch, resolution, resolution, 3)
-    return {"examples_per_s": round(steps * batch / seconds, 1), "seconds": round(seconds, 3),
-            "records": len(source), "skipped": pipe.skips.as_dict()}
+    return {
+        "examples_per_s": round(steps * batch / seconds, 1),
+        "seconds": round(seconds, 3),
+        "records": len(source),
+        "skipped": pipe.skips.as_dict(),
+    }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jaxdiff.data.throughput", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python benchmarks/throughput.py", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--source", help="folder:DIR | shapes_world:DATA_DIR | synthetic[:N]")
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=3, help="batches read before timing (fills the prefetch)")
+    ap.add_argument(
+        "--warmup", type=int, default=3, help="batches read before timing (fills the prefetch)"
+    )
     ap.add_argument("--threads", type=int, default=4, help="decode threads")
     ap.add_argument("--no-tokenize", action="store_true", help="leave out CLIP tokenisation")
-    ap.add_argument("--out", default="bench_out/data_throughput.json")
+    ap.add_argument("--out", default="benchmarks/results/data_throughput.json")
     ap.add_argument("--make-jpegs", metavar="DIR", help="write a folder of test JPEGs and exit")
     ap.add_argument("--count", type=int, default=3000, help="with --make-jpegs: how many")
     args = ap.parse_args(argv)
@@ -99,19 +122,37 @@ def main(argv=None) -> int:
     if min(args.resolution, args.batch, args.steps, args.threads) < 1 or args.warmup < 0:
         ap.error("--resolution, --batch, --steps and --threads must be positive")
     from jaxdiff.data.pipeline import open_source
+
     try:
         source = open_source(args.source, args.resolution)
     except (OSError, ValueError) as e:
         sys.exit(f"throughput: {e}")
-    result = measure(source, args.resolution, args.batch, args.steps, args.warmup, args.threads,
-                     not args.no_tokenize)
-    entry = {"source": args.source, "resolution": args.resolution, "batch": args.batch, "steps": args.steps,
-             "threads": args.threads, "tokenize": not args.no_tokenize, **result,
-             "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),  # others share the CPU
-             "machine": platform.processor() or platform.machine(),
-             "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    print(f"{args.source}: {result['examples_per_s']:.1f} examples/s ({args.steps} batches of {args.batch} "
-          f"at {args.resolution} px, {args.threads} decode threads, {os.cpu_count()} CPUs)")
+    result = measure(
+        source,
+        args.resolution,
+        args.batch,
+        args.steps,
+        args.warmup,
+        args.threads,
+        not args.no_tokenize,
+    )
+    entry = {
+        "source": args.source,
+        "resolution": args.resolution,
+        "batch": args.batch,
+        "steps": args.steps,
+        "threads": args.threads,
+        "tokenize": not args.no_tokenize,
+        **result,
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # others share the CPU
+        "machine": platform.processor() or platform.machine(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    print(
+        f"{args.source}: {result['examples_per_s']:.1f} examples/s ({args.steps} batches of {args.batch} "
+        f"at {args.resolution} px, {args.threads} decode threads, {os.cpu_count()} CPUs)"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(out.read_text()) if out.exists() else {}

@@ -1,4 +1,5 @@
 """The one attention function every model calls: a faster kernel is a change here only."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,16 @@ CPU_MIN_SCORES = 1 << 16
 DEFAULT_IMPLEMENTATION: str | None = None
 
 
-def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, upcast: bool = False,
-                          implementation: str | None = None):
+def dot_product_attention(
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    is_causal: bool = False,
+    upcast: bool = False,
+    implementation: str | None = None,
+):
     """Scaled dot-product attention. q: [B, T, N, H], k/v: [B, S, N, H] -> [B, T, N, H].
 
     ``upcast`` computes the scores and softmax in float32 (SD 2.x's ``upcast_attention``) whatever the
@@ -41,8 +50,14 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal: bool = False, upcast
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
 
     def reference(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                            implementation=None if impl == "cpu_blocked" else impl)
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=is_causal,
+            implementation=None if impl == "cpu_blocked" else impl,
+        )
 
     if impl == "cpu_blocked":
         out = blocked_attention(q, k, v)
@@ -83,7 +98,9 @@ def blocked_attention(q, k, v, block_scores: int = CPU_BLOCK_SCORES):
         vb = lax.dynamic_index_in_dim(vh, i, keepdims=False)
         scores = lax.dot_general(qb, kb, (((1,), (1,)), ((), ())), preferred_element_type=f32)
         e = jnp.exp((scores - scores.max(axis=-1, keepdims=True)) * scale)
-        num = lax.dot_general(e.astype(vb.dtype), vb, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+        num = lax.dot_general(
+            e.astype(vb.dtype), vb, (((1,), (0,)), ((), ())), preferred_element_type=f32
+        )
         return (num / e.sum(axis=-1, keepdims=True)).astype(q.dtype)
 
     out = lax.map(step, (qh, head_of))  # [B*N*steps, block, H]

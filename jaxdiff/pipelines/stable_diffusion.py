@@ -9,28 +9,33 @@ their size, trimmed after) and params are replicated or FSDP-sharded.
     pipe = Pipeline.from_pretrained("path/to/diffusers-folder")
     images = pipe.txt2img("a red circle", steps=20, guidance=7.5, seed=0)   # [N, H, W, 3] in [0, 1]
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxdiff import guidance as G
-from jaxdiff import samplers as SM
-from jaxdiff import schedules as S
-from jaxdiff.pretrained import StableDiffusion, load_pretrained
-from jaxdiff.text import TextTransformer
-from jaxdiff.unet import UNet
-from jaxdiff.vae import AutoencoderKL, scale_latents, unscale_latents
+from jaxdiff.convert.pretrained import StableDiffusion, load_pretrained
+from jaxdiff.diffusion import guidance as G
+from jaxdiff.diffusion import samplers as SM
+from jaxdiff.diffusion import schedules as S
+from jaxdiff.models.text import TextTransformer
+from jaxdiff.models.unet import UNet
+from jaxdiff.models.vae import AutoencoderKL, scale_latents, unscale_latents
 
-TRACES: collections.Counter = collections.Counter()   # traces per program (the tests check for recompiles)
+TRACES: collections.Counter = (
+    collections.Counter()
+)  # traces per program (the tests check for recompiles)
 _PROGRESS: dict[str, Any] = {"bar": None}
 
 
@@ -42,20 +47,21 @@ class GenerationError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class _Program:
     """Everything static about one compiled generation program."""
+
     unet: Any
     vae: Any
     text: Any
     dtype: Any
     schedule: S.Schedule
-    mode: str                 # "cfg" | "cond" | "uncond"
-    rescale: bool             # guidance rescale on
-    interval: bool            # guidance only inside a timestep interval
+    mode: str  # "cfg" | "cond" | "uncond"
+    rescale: bool  # guidance rescale on
+    interval: bool  # guidance only inside a timestep interval
     stochastic: bool
     img2img: bool
-    output: str               # "image" | "latent"
+    output: str  # "image" | "latent"
     clip_skip: int | None
     progress: bool
-    latent_shape: tuple           # (h, w, C) of one image's latents
+    latent_shape: tuple  # (h, w, C) of one image's latents
 
 
 def _tick(k):
@@ -67,28 +73,36 @@ def _tick(k):
 @functools.lru_cache(maxsize=16)
 def _program(st: _Program):
     kw = dict(dtype=st.dtype, param_dtype=st.dtype)
-    unet, vae, text = UNet(st.unet, **kw), AutoencoderKL(st.vae, **kw), TextTransformer(st.text, **kw)
+    unet, vae, text = (
+        UNet(st.unet, **kw),
+        AutoencoderKL(st.vae, **kw),
+        TextTransformer(st.text, **kw),
+    )
 
     def encode_text(p, ids):
         out = text.apply({"params": p}, ids)
         if st.clip_skip:
-            return text.apply({"params": p}, out["hidden_states"], st.clip_skip, method=TextTransformer.clip_skip)
+            return text.apply(
+                {"params": p}, out["hidden_states"], st.clip_skip, method=TextTransformer.clip_skip
+            )
         return out["last_hidden_state"]
 
     def run(params, ids_c, ids_u, seeds, start, scalars, arrays, enc_noise, noise):
         TRACES["generate"] += 1
-        keys = jax.vmap(jax.random.key)(seeds)                        # one key per image: batch-independent
-        draw = lambda i, shape: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape))(keys)  # noqa: E731
+        keys = jax.vmap(jax.random.key)(seeds)  # one key per image: batch-independent
+        draw = lambda i, shape: jax.vmap(
+            lambda k: jax.random.normal(jax.random.fold_in(k, i), shape)
+        )(keys)  # noqa: E731
         ctx_c = encode_text(params["text_encoder"], ids_c) if st.mode != "uncond" else None
         ctx_u = encode_text(params["text_encoder"], ids_u) if st.mode != "cond" else None
-        if st.img2img:                                                # SDEdit: encode, noise to the start step
+        if st.img2img:  # SDEdit: encode, noise to the start step
             post = vae.apply({"params": params["vae"]}, start, method=AutoencoderKL.encode)
             shape = post.mean.shape[1:]
             eps_enc = draw(2, shape) if enc_noise is None else enc_noise
             z0 = scale_latents(post.mean + post.std * eps_enc, st.vae)
             eps = draw(3, shape) if noise is None else noise
             x = scalars["noise_a"] * z0 + scalars["noise_s"] * eps
-        else:                                                         # txt2img: given or seeded noise
+        else:  # txt2img: given or seeded noise
             if start is None:
                 start = jax.vmap(lambda k: jax.random.normal(k, st.latent_shape))(keys)
             x = start * scalars["init_sigma"]
@@ -96,15 +110,30 @@ def _program(st: _Program):
         def model(x, t, ctx):
             return unet.apply({"params": params["unet"]}, x, t, ctx).astype(jnp.float32)
 
-        denoise = G.classifier_free(model, ctx_c, ctx_u, scalars["w"],
-                                    rescale=scalars["rescale"] if st.rescale else 0.0, mode=st.mode,
-                                    interval=(scalars["t_lo"], scalars["t_hi"]) if st.interval else None)
+        denoise = G.classifier_free(
+            model,
+            ctx_c,
+            ctx_u,
+            scalars["w"],
+            rescale=scalars["rescale"] if st.rescale else 0.0,
+            mode=st.mode,
+            interval=(scalars["t_lo"], scalars["t_hi"]) if st.interval else None,
+        )
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-        x = SM.sample(denoise, st.schedule, arrays, x.astype(jnp.float32), stochastic=st.stochastic,
-                      keys=step_keys, callback=_tick if st.progress else None)
+        x = SM.sample(
+            denoise,
+            st.schedule,
+            arrays,
+            x.astype(jnp.float32),
+            stochastic=st.stochastic,
+            keys=step_keys,
+            callback=_tick if st.progress else None,
+        )
         if st.output == "latent":
             return x
-        img = vae.apply({"params": params["vae"]}, unscale_latents(x, st.vae), method=AutoencoderKL.decode)
+        img = vae.apply(
+            {"params": params["vae"]}, unscale_latents(x, st.vae), method=AutoencoderKL.decode
+        )
         return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     return jax.jit(run)
@@ -119,8 +148,10 @@ def check_interval(interval, error=ValueError):
     except (TypeError, ValueError):
         raise error(f"guidance_interval must be two numbers (lo, hi), got {interval!r}") from None
     if not 0.0 <= lo <= hi <= 1.0:
-        raise error(f"guidance_interval must have 0 <= lo <= hi <= 1 (fractions of the schedule's timesteps), "
-                    f"got ({lo:g}, {hi:g})")
+        raise error(
+            f"guidance_interval must have 0 <= lo <= hi <= 1 (fractions of the schedule's timesteps), "
+            f"got ({lo:g}, {hi:g})"
+        )
     return lo, hi
 
 
@@ -135,45 +166,88 @@ def _as_list(x, name) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
     """A loaded Stable Diffusion checkpoint ready to sample, optionally on a device mesh."""
+
     model: StableDiffusion
     params: dict
     mesh: Mesh | None = None
 
     @classmethod
-    def from_pretrained(cls, folder, *, dtype=jnp.float32, variant: str | None = None, mesh: Mesh | None = None,
-                        param_sharding: str = "replicated") -> "Pipeline":
-        return cls.from_model(load_pretrained(folder, dtype=dtype, variant=variant), mesh=mesh,
-                              param_sharding=param_sharding)
+    def from_pretrained(
+        cls,
+        folder,
+        *,
+        dtype=jnp.float32,
+        variant: str | None = None,
+        mesh: Mesh | None = None,
+        param_sharding: str = "replicated",
+    ) -> Pipeline:
+        return cls.from_model(
+            load_pretrained(folder, dtype=dtype, variant=variant),
+            mesh=mesh,
+            param_sharding=param_sharding,
+        )
 
     @classmethod
-    def from_model(cls, model: StableDiffusion, *, mesh: Mesh | None = None,
-                   param_sharding: str = "replicated") -> "Pipeline":
+    def from_model(
+        cls, model: StableDiffusion, *, mesh: Mesh | None = None, param_sharding: str = "replicated"
+    ) -> Pipeline:
         if model.unet_config.addition_embed_type:
-            raise GenerationError("this checkpoint's UNet needs added conditioning (SDXL); "
-                                  "the SDXL pipeline is not implemented yet")
+            raise GenerationError(
+                "this checkpoint's UNet needs added conditioning (SDXL); "
+                "the SDXL pipeline is not implemented yet"
+            )
         params = model.params
         if mesh is None:
-            params = jax.device_put(params)                 # once, not per call (no-op if already there)
+            params = jax.device_put(params)  # once, not per call (no-op if already there)
         else:
             if param_sharding == "replicated":
                 params = jax.device_put(params, NamedSharding(mesh, P()))
             elif param_sharding == "fsdp":
                 from jaxdiff import sharding
                 from jaxdiff.convert.diffusers import abstract_params
-                cfgs = {"unet": model.unet_config, "vae": model.vae_config, "text_encoder": model.text_config}
-                params = {k: jax.device_put(v, sharding.param_shardings(
-                    abstract_params(k, cfgs[k]), mesh, sharding.FSDP_RULES)) for k, v in params.items()}
+
+                cfgs = {
+                    "unet": model.unet_config,
+                    "vae": model.vae_config,
+                    "text_encoder": model.text_config,
+                }
+                params = {
+                    k: jax.device_put(
+                        v,
+                        sharding.param_shardings(
+                            abstract_params(k, cfgs[k]), mesh, sharding.FSDP_RULES
+                        ),
+                    )
+                    for k, v in params.items()
+                }
             else:
-                raise GenerationError(f"param_sharding must be 'replicated' or 'fsdp', got {param_sharding!r}")
+                raise GenerationError(
+                    f"param_sharding must be 'replicated' or 'fsdp', got {param_sharding!r}"
+                )
         return cls(model, params, mesh)
 
     # ------------------------------------------------------------------ public API
 
-    def txt2img(self, prompt, negative_prompt=None, *, num_images: int = 1, steps: int = 50,
-                guidance: float = 7.5, sampler: str | None = None, seed: int = 0, height: int | None = None,
-                width: int | None = None, eta: float = 0.0, guidance_rescale: float = 0.0,
-                guidance_interval=None, clip_skip: int | None = None, latents=None, output: str = "image",
-                progress: bool = False):
+    def txt2img(
+        self,
+        prompt,
+        negative_prompt=None,
+        *,
+        num_images: int = 1,
+        steps: int = 50,
+        guidance: float = 7.5,
+        sampler: str | None = None,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        guidance_interval=None,
+        clip_skip: int | None = None,
+        latents=None,
+        output: str = "image",
+        progress: bool = False,
+    ):
         """Images [N, H, W, 3] float32 in [0, 1] (or final latents [N, C, h, w] with output="latent").
 
         ``guidance_interval`` = (lo, hi), fractions of the training schedule's timesteps: guidance w acts
@@ -185,15 +259,46 @@ class Pipeline:
         be regenerated alone from its own seed.
         """
         height, width = self._size(height, width)
-        return self._generate(prompt, negative_prompt, num_images, steps, guidance, sampler, seed, height,
-                              width, eta, guidance_rescale, guidance_interval, clip_skip, output, progress,
-                              latents=latents)
+        return self._generate(
+            prompt,
+            negative_prompt,
+            num_images,
+            steps,
+            guidance,
+            sampler,
+            seed,
+            height,
+            width,
+            eta,
+            guidance_rescale,
+            guidance_interval,
+            clip_skip,
+            output,
+            progress,
+            latents=latents,
+        )
 
-    def img2img(self, image, prompt, negative_prompt=None, *, strength: float = 0.8, num_images: int = 1,
-                steps: int = 50, guidance: float = 7.5, sampler: str | None = None, seed: int = 0,
-                eta: float = 0.0, guidance_rescale: float = 0.0, guidance_interval=None,
-                clip_skip: int | None = None, noise=None,
-                encode_noise=None, output: str = "image", progress: bool = False):
+    def img2img(
+        self,
+        image,
+        prompt,
+        negative_prompt=None,
+        *,
+        strength: float = 0.8,
+        num_images: int = 1,
+        steps: int = 50,
+        guidance: float = 7.5,
+        sampler: str | None = None,
+        seed: int = 0,
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        guidance_interval=None,
+        clip_skip: int | None = None,
+        noise=None,
+        encode_noise=None,
+        output: str = "image",
+        progress: bool = False,
+    ):
         """SDEdit (Meng et al. 2022): encode ``image`` [N, H, W, 3] (or [H, W, 3]) in [0, 1], noise it
         to ``strength`` of the schedule, denoise from there. ``noise`` / ``encode_noise`` [N, C, h, w]
         replace the seeded draws (the renoising noise and the VAE posterior sample)."""
@@ -203,13 +308,35 @@ class Pipeline:
         if img.ndim == 3:
             img = img[None]
         if img.ndim != 4 or img.shape[-1] != 3:
-            raise GenerationError(f"image must be [N, H, W, 3] (or [H, W, 3]) RGB, got shape {img.shape}")
+            raise GenerationError(
+                f"image must be [N, H, W, 3] (or [H, W, 3]) RGB, got shape {img.shape}"
+            )
         if img.min() < 0 or img.max() > 1:
-            raise GenerationError(f"image values must be in [0, 1], got [{img.min():.3g}, {img.max():.3g}]")
+            raise GenerationError(
+                f"image values must be in [0, 1], got [{img.min():.3g}, {img.max():.3g}]"
+            )
         height, width = self._size(img.shape[1], img.shape[2])
-        return self._generate(prompt, negative_prompt, num_images, steps, guidance, sampler, seed, height,
-                              width, eta, guidance_rescale, guidance_interval, clip_skip, output, progress, image=img,
-                              strength=float(strength), noise=noise, encode_noise=encode_noise)
+        return self._generate(
+            prompt,
+            negative_prompt,
+            num_images,
+            steps,
+            guidance,
+            sampler,
+            seed,
+            height,
+            width,
+            eta,
+            guidance_rescale,
+            guidance_interval,
+            clip_skip,
+            output,
+            progress,
+            image=img,
+            strength=float(strength),
+            noise=noise,
+            encode_noise=encode_noise,
+        )
 
     # ------------------------------------------------------------------ internals
 
@@ -218,12 +345,35 @@ class Pipeline:
         default = self.model.unet_config.sample_size * f
         height, width = height or default, width or default
         if height % f or width % f or height <= 0 or width <= 0:
-            raise GenerationError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+            raise GenerationError(
+                f"height and width must be positive multiples of {f}, got {height}x{width}"
+            )
         return int(height), int(width)
 
-    def _generate(self, prompt, negative_prompt, num_images, steps, guidance, sampler, seed, height, width,
-                  eta, guidance_rescale, guidance_interval, clip_skip, output, progress, *, latents=None, image=None,
-                  strength=None, noise=None, encode_noise=None):
+    def _generate(
+        self,
+        prompt,
+        negative_prompt,
+        num_images,
+        steps,
+        guidance,
+        sampler,
+        seed,
+        height,
+        width,
+        eta,
+        guidance_rescale,
+        guidance_interval,
+        clip_skip,
+        output,
+        progress,
+        *,
+        latents=None,
+        image=None,
+        strength=None,
+        noise=None,
+        encode_noise=None,
+    ):
         prompts = _as_list(prompt, "prompt")
         negs = _as_list(negative_prompt, "negative_prompt") if negative_prompt is not None else [""]
         if len(negs) == 1:
@@ -240,7 +390,9 @@ class Pipeline:
             raise GenerationError(f"guidance must be finite, got {guidance}")
         interval = check_interval(guidance_interval, GenerationError)
         if clip_skip is not None and not 0 <= clip_skip < self.model.text_config.num_hidden_layers:
-            raise GenerationError(f"clip_skip must be in [0, {self.model.text_config.num_hidden_layers}), got {clip_skip}")
+            raise GenerationError(
+                f"clip_skip must be in [0, {self.model.text_config.num_hidden_layers}), got {clip_skip}"
+            )
         schedule = S.resolve(self.model.scheduler_config, sampler)
         plan = SM.make_plan(schedule, steps, strength=strength, eta=eta)
 
@@ -257,29 +409,68 @@ class Pipeline:
             start = np.broadcast_to(image, (n,) + image.shape[1:]) * 2.0 - 1.0
         noise = self._batch_array(noise, lat_nchw, "noise")
         encode_noise = self._batch_array(encode_noise, lat_nchw, "encode_noise")
-        seeds = (np.int64(seed) + np.arange(n)).astype(np.uint32).astype(np.int32)   # seed + i, wrapped to 32 bits
+        seeds = (
+            (np.int64(seed) + np.arange(n)).astype(np.uint32).astype(np.int32)
+        )  # seed + i, wrapped to 32 bits
 
-        st = _Program(self.model.unet_config, self.model.vae_config, self.model.text_config,
-                      jax.tree.leaves(self.params["unet"])[0].dtype, schedule, G.mode_for(guidance),
-                      guidance_rescale != 0, interval is not None and G.mode_for(guidance) == "cfg", plan.stochastic,
-                      image is not None, output, clip_skip, progress,
-                      (height // f, width // f, c))
+        st = _Program(
+            self.model.unet_config,
+            self.model.vae_config,
+            self.model.text_config,
+            jax.tree.leaves(self.params["unet"])[0].dtype,
+            schedule,
+            G.mode_for(guidance),
+            guidance_rescale != 0,
+            interval is not None and G.mode_for(guidance) == "cfg",
+            plan.stochastic,
+            image is not None,
+            output,
+            clip_skip,
+            progress,
+            (height // f, width // f, c),
+        )
         lo, hi = (0.0, 1.0) if interval is None else interval
         T = schedule.num_train_timesteps
-        scalars = {k: np.float32(v) for k, v in dict(w=guidance, rescale=guidance_rescale, init_sigma=plan.init_noise_sigma,
-                                                     noise_a=plan.noise_a, noise_s=plan.noise_s,
-                                                     t_lo=lo * T, t_hi=hi * T).items()}
-        batch = dict(ids_c=tok(prompts), ids_u=tok(negs), seeds=seeds,
-                     start=None if start is None else np.asarray(start, np.float32),
-                     enc_noise=encode_noise, noise=noise)
+        scalars = {
+            k: np.float32(v)
+            for k, v in dict(
+                w=guidance,
+                rescale=guidance_rescale,
+                init_sigma=plan.init_noise_sigma,
+                noise_a=plan.noise_a,
+                noise_s=plan.noise_s,
+                t_lo=lo * T,
+                t_hi=hi * T,
+            ).items()
+        }
+        batch = dict(
+            ids_c=tok(prompts),
+            ids_u=tok(negs),
+            seeds=seeds,
+            start=None if start is None else np.asarray(start, np.float32),
+            enc_noise=encode_noise,
+            noise=noise,
+        )
         batch = self._shard_batch(batch)
         fn = _program(st)
         if progress:
             from tqdm.auto import tqdm
-            _PROGRESS["bar"] = tqdm(total=plan.num_calls, desc=f"{schedule.sampler} x{plan.num_steps}", unit="step")
+
+            _PROGRESS["bar"] = tqdm(
+                total=plan.num_calls, desc=f"{schedule.sampler} x{plan.num_steps}", unit="step"
+            )
         try:
-            out = fn(self.params, batch["ids_c"], batch["ids_u"], batch["seeds"], batch["start"], scalars,
-                     plan.arrays, batch["enc_noise"], batch["noise"])
+            out = fn(
+                self.params,
+                batch["ids_c"],
+                batch["ids_u"],
+                batch["seeds"],
+                batch["start"],
+                scalars,
+                plan.arrays,
+                batch["enc_noise"],
+                batch["noise"],
+            )
             out = np.asarray(jax.device_get(out))[:n]
         finally:
             if _PROGRESS["bar"] is not None:
@@ -293,7 +484,9 @@ class Pipeline:
             return None
         x = np.asarray(x, np.float32)
         if x.shape != tuple(nchw_shape):
-            raise GenerationError(f"{name} must have shape {tuple(nchw_shape)} (N, C, h, w), got {x.shape}")
+            raise GenerationError(
+                f"{name} must have shape {tuple(nchw_shape)} (N, C, h, w), got {x.shape}"
+            )
         return x.transpose(0, 2, 3, 1)
 
     def _shard_batch(self, batch: dict):

@@ -5,6 +5,7 @@ and takes the new sampler's defaults for the rest (``Scheduler.from_config``). `
 same, so "euler on an SD 1.5 folder" means exactly what it means in diffusers. Everything here is
 host-side numpy, computed once per (config, steps); the sampling loop only sees the arrays.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,21 +15,49 @@ import numpy as np
 
 # scheduler_config.json's `_class_name` -> our sampler name.
 CLASS_TO_SAMPLER = {
-    "DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a", "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpm++2m", "PNDMScheduler": "pndm", "UniPCMultistepScheduler": "unipc",
+    "DDPMScheduler": "ddpm",
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "HeunDiscreteScheduler": "heun",
+    "DPMSolverMultistepScheduler": "dpm++2m",
+    "PNDMScheduler": "pndm",
+    "UniPCMultistepScheduler": "unipc",
 }
 SAMPLER_TO_CLASS = {v: k for k, v in CLASS_TO_SAMPLER.items()}
 SAMPLER_TO_CLASS["dpm++2m_karras"] = "DPMSolverMultistepScheduler"
 
-_COMMON = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-               trained_betas=None, prediction_type="epsilon", steps_offset=0, rescale_betas_zero_snr=False,
-               timestep_spacing="leading", clip_sample=False, clip_sample_range=1.0, thresholding=False,
-               dynamic_thresholding_ratio=0.995, sample_max_value=1.0, set_alpha_to_one=False,
-               use_karras_sigmas=False, final_sigmas_type="zero", variance_type="fixed_small",
-               solver_order=2, solver_type="midpoint", algorithm_type="dpmsolver++", lower_order_final=True,
-               euler_at_final=False, lambda_min_clipped=-math.inf, skip_prk_steps=False,
-               interpolation_type="linear", timestep_type="discrete", sigma_min=None, sigma_max=None)
+_COMMON = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    trained_betas=None,
+    prediction_type="epsilon",
+    steps_offset=0,
+    rescale_betas_zero_snr=False,
+    timestep_spacing="leading",
+    clip_sample=False,
+    clip_sample_range=1.0,
+    thresholding=False,
+    dynamic_thresholding_ratio=0.995,
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    use_karras_sigmas=False,
+    final_sigmas_type="zero",
+    variance_type="fixed_small",
+    solver_order=2,
+    solver_type="midpoint",
+    algorithm_type="dpmsolver++",
+    lower_order_final=True,
+    euler_at_final=False,
+    lambda_min_clipped=-math.inf,
+    skip_prk_steps=False,
+    interpolation_type="linear",
+    timestep_type="discrete",
+    sigma_min=None,
+    sigma_max=None,
+)
 
 # Each diffusers scheduler class's own defaults (its __init__ signature), where they differ from _COMMON.
 DEFAULTS = {
@@ -65,6 +94,7 @@ class ScheduleError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """A resolved scheduler config: the sampler and every option it reads."""
+
     sampler: str
     num_train_timesteps: int
     beta_start: float
@@ -100,12 +130,16 @@ class Schedule:
 def resolve(config: dict | None, sampler: str | None = None, **overrides) -> Schedule:
     """A checkpoint's scheduler config (dict) for ``sampler`` (default: the config's own class)."""
     config = dict(config or {})
-    for key in config.pop("_use_default_values", None) or ():   # diffusers' in-memory marker: not chosen
+    for key in (
+        config.pop("_use_default_values", None) or ()
+    ):  # diffusers' in-memory marker: not chosen
         config.pop(key, None)
     if sampler is None:
         cls = config.get("_class_name", "DDIMScheduler")
         if cls not in CLASS_TO_SAMPLER:
-            raise ScheduleError(f"scheduler class {cls!r} is not implemented; pick a sampler from {SAMPLERS}")
+            raise ScheduleError(
+                f"scheduler class {cls!r} is not implemented; pick a sampler from {SAMPLERS}"
+            )
         sampler = CLASS_TO_SAMPLER[cls]
     if sampler not in DEFAULTS:
         raise ScheduleError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -120,30 +154,47 @@ def resolve(config: dict | None, sampler: str | None = None, **overrides) -> Sch
         values["lambda_min_clipped"] = -math.inf
     for key, allowed in _SUPPORTED.items():
         if values[key] not in allowed:
-            raise ScheduleError(f"scheduler option {key}={values[key]!r} is not supported (supported: {allowed})")
+            raise ScheduleError(
+                f"scheduler option {key}={values[key]!r} is not supported (supported: {allowed})"
+            )
     for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas"):
         if config.get(key) or overrides.get(key):
             raise ScheduleError(f"scheduler option {key}=True is not supported")
     if sampler == "pndm" and not values["skip_prk_steps"]:
-        raise ScheduleError("PNDM's Runge-Kutta warm-up is not implemented; jaxdiff's 'pndm' is PLMS "
-                            "(skip_prk_steps=True, as Stable Diffusion's configs set)")
+        raise ScheduleError(
+            "PNDM's Runge-Kutta warm-up is not implemented; jaxdiff's 'pndm' is PLMS "
+            "(skip_prk_steps=True, as Stable Diffusion's configs set)"
+        )
     if sampler in ("heun", "pndm") and values["rescale_betas_zero_snr"]:
-        raise ScheduleError(f"sampler {sampler!r} cannot sample a zero-terminal-SNR schedule; "
-                            "use ddim, ddpm, euler, euler_a or dpm++2m")
+        raise ScheduleError(
+            f"sampler {sampler!r} cannot sample a zero-terminal-SNR schedule; "
+            "use ddim, ddpm, euler, euler_a or dpm++2m"
+        )
     if sampler == "euler_a" and values["prediction_type"] == "sample":
-        raise ScheduleError("euler_a supports prediction_type epsilon or v_prediction, not 'sample'")
+        raise ScheduleError(
+            "euler_a supports prediction_type epsilon or v_prediction, not 'sample'"
+        )
     if sampler == "pndm" and values["prediction_type"] == "sample":
         raise ScheduleError("pndm supports prediction_type epsilon or v_prediction, not 'sample'")
     # Solver types cross over as in diffusers: UniPC reads DPM's midpoint/heun as bh2, DPM reads bh1/bh2 as midpoint.
     if sampler == "unipc":
-        values["solver_type"] = {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}.get(values["solver_type"],
-                                                                                        values["solver_type"])
-        if values["solver_type"] != "bh2" or not config.get("predict_x0", True) or config.get("disable_corrector"):
-            raise ScheduleError("unipc implements solver_type='bh2' with predict_x0=True and no disabled corrector")
+        values["solver_type"] = {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}.get(
+            values["solver_type"], values["solver_type"]
+        )
+        if (
+            values["solver_type"] != "bh2"
+            or not config.get("predict_x0", True)
+            or config.get("disable_corrector")
+        ):
+            raise ScheduleError(
+                "unipc implements solver_type='bh2' with predict_x0=True and no disabled corrector"
+            )
     elif values["solver_type"] in ("bh1", "bh2", "logrho"):
         values["solver_type"] = "midpoint"
     if (sampler.startswith("dpm") or sampler == "unipc") and values["solver_order"] not in (1, 2):
-        raise ScheduleError(f"{sampler} implements solver_order 1 or 2, not {values['solver_order']}")
+        raise ScheduleError(
+            f"{sampler} implements solver_order 1 or 2, not {values['solver_order']}"
+        )
     fields = {f.name for f in dataclasses.fields(Schedule)}
     return Schedule(sampler=sampler, **{k: v for k, v in values.items() if k in fields})
 
@@ -160,10 +211,15 @@ def betas(s: Schedule) -> np.ndarray:
     elif s.beta_schedule == "linear":
         b = np.linspace(s.beta_start, s.beta_end, n, dtype=np.float32)
     elif s.beta_schedule == "scaled_linear":
-        b = np.linspace(s.beta_start ** 0.5, s.beta_end ** 0.5, n, dtype=np.float32) ** 2
+        b = np.linspace(s.beta_start**0.5, s.beta_end**0.5, n, dtype=np.float32) ** 2
     else:  # squaredcos_cap_v2 (Nichol & Dhariwal's cosine schedule)
-        b = np.array([min(1 - _alpha_bar_cosine((i + 1) / n) / _alpha_bar_cosine(i / n), 0.999)
-                      for i in range(n)], np.float32)
+        b = np.array(
+            [
+                min(1 - _alpha_bar_cosine((i + 1) / n) / _alpha_bar_cosine(i / n), 0.999)
+                for i in range(n)
+            ],
+            np.float32,
+        )
     if s.rescale_betas_zero_snr:
         b = rescale_zero_terminal_snr(b)
     return b
@@ -174,7 +230,7 @@ def rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
     ab_sqrt = np.sqrt(np.cumprod(1.0 - b.astype(np.float64)))
     first, last = ab_sqrt[0], ab_sqrt[-1]
     ab_sqrt = (ab_sqrt - last) * first / (first - last)
-    ab = ab_sqrt ** 2
+    ab = ab_sqrt**2
     alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
     return (1.0 - alphas).astype(np.float32)
 
@@ -185,7 +241,7 @@ def alphas_cumprod(s: Schedule, *, sigma_safe: bool = False) -> np.ndarray:
     ab = np.cumprod(1.0 - betas(s), dtype=np.float32)
     if sigma_safe and s.rescale_betas_zero_snr:
         ab = ab.copy()
-        ab[-1] = 2.0 ** -24
+        ab[-1] = 2.0**-24
     return ab
 
 
@@ -193,7 +249,9 @@ def spaced_timesteps(s: Schedule, n: int) -> np.ndarray:
     """The n discrete timesteps (descending) of the DDPM-family samplers."""
     T = s.num_train_timesteps
     if not 1 <= n <= T:
-        raise ScheduleError(f"steps must be between 1 and the schedule's {T} training timesteps, got {n}")
+        raise ScheduleError(
+            f"steps must be between 1 and the schedule's {T} training timesteps, got {n}"
+        )
     if s.timestep_spacing == "linspace":
         return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
     if s.timestep_spacing == "leading":

@@ -1,0 +1,1 @@
+"""Flax modules: UNet, KL-VAE, CLIP towers and their building blocks."""

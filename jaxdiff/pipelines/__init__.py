@@ -1,0 +1,1 @@
+"""Generation pipelines: one jitted program per shape, sharded over a mesh."""
