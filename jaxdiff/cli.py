@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import tempfile
 from pathlib import Path
 
+from jaxdiff.convert import diffusers as dconv
+from jaxdiff.convert.clip import save_clip
+from jaxdiff.convert.diffusers import UNET_EXTENSIONS, ModelFolderError
+from jaxdiff.convert.naming import ConversionError
+from jaxdiff.convert.pretrained import StableDiffusion, default_scheduler_config, save_pretrained
+from jaxdiff.convert.runs import load_clip
+from jaxdiff.convert.single_file import load_single_file
 from jaxdiff.runtime import tune_cpu
+from jaxdiff.tokenizer import write_clip_tokenizer
+from jaxdiff.train.export import export_ldm, export_vae
 
 
 def _convert(args):
     """Original single-file SD 1.x/2.x checkpoint -> a diffusers folder."""
-    from jaxdiff.convert.pretrained import (
-        StableDiffusion,
-        default_scheduler_config,
-        save_pretrained,
-    )
-    from jaxdiff.convert.single_file import load_single_file
-    from jaxdiff.tokenizer import write_clip_tokenizer
 
     src, out = Path(args.checkpoint), Path(args.out)
     if not src.is_file():
@@ -28,8 +31,6 @@ def _convert(args):
         sys.exit(f"jaxdiff convert: {out} exists and is not empty (pass --overwrite to replace it)")
     configs = {}
     if args.config:  # architectures that the SD 1.x / 2.x conventions cannot infer from shapes
-        from jaxdiff.convert import diffusers as dconv
-
         cfg_dir = Path(args.config)
         for name, key in (
             ("unet", "unet_config"),
@@ -63,20 +64,15 @@ def _convert(args):
 def _export(args):
     """A `jaxdiff train` run -> a standard folder: CLIP -> transformers CLIPModel (weights, config,
     tokenizer); latent diffusion -> a diffusers StableDiffusionPipeline folder."""
-    from jaxdiff.convert.clip import save_clip
-    from jaxdiff.convert.runs import load_clip
 
     work, out = Path(args.workdir), Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         sys.exit(f"jaxdiff export: {out} exists and is not empty (pass --overwrite to replace it)")
     if (work / "ldm.json").is_file():
-        from jaxdiff.train.export import export_ldm
-
         try:
             step = export_ldm(work, out, overwrite=args.overwrite, prefer_ema=not args.raw_params)
         except ValueError as err:
             sys.exit(f"jaxdiff export: {err}")
-        from jaxdiff.convert.diffusers import UNET_EXTENSIONS
 
         unet_cfg = json.loads((out / "unet" / "config.json").read_text())
         ext = [what for _, key, what, _ in UNET_EXTENSIONS if key in unet_cfg]
@@ -87,8 +83,6 @@ def _export(args):
         )
         return
     if (work / "checkpoints").is_dir() and _run_config(work).get("task") == "vae":
-        from jaxdiff.train.export import export_vae
-
         factor = export_vae(work, out, overwrite=args.overwrite)
         print(
             f"wrote {out} (diffusers AutoencoderKL; latent scaling factor {factor:.5f}, measured on the run's data)"
@@ -107,7 +101,6 @@ def _export(args):
 
 
 def _run_config(work: Path) -> dict:
-    import json
 
     path = work / "config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -134,8 +127,6 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     tune_cpu()  # before any JAX computation (jaxdiff.runtime says why)
     if argv and argv[0] in DELEGATED:
-        import importlib
-
         module, _, func = DELEGATED[argv[0]][0].partition(":")
         return getattr(importlib.import_module(module), func or "main")(argv[1:])
     ap = argparse.ArgumentParser(prog="jaxdiff", description="JAX/Flax text-to-image diffusion.")
@@ -175,16 +166,11 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
     if args.command == "export":
-        from jaxdiff.convert.diffusers import ModelFolderError
-
         try:
             _export(args)
         except (FileNotFoundError, ModelFolderError) as err:
             sys.exit(f"jaxdiff export: {err}")
     if args.command == "convert":
-        from jaxdiff.convert.diffusers import ModelFolderError
-        from jaxdiff.convert.naming import ConversionError
-
         try:
             _convert(args)
         except (ConversionError, ModelFolderError) as e:

@@ -16,7 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
+from jaxdiff.eval.fidelity import score
+from jaxdiff.pipelines.generate import default_model, model_sampling_defaults, no_model_message
+from jaxdiff.pipelines.stable_diffusion import Pipeline, check_interval
 from jaxdiff.runtime import tune_cpu
 
 GRID_PROMPTS = (
@@ -64,11 +68,6 @@ def main(argv=None):
 
 def grid(args):
     """Generate the labelled grid with the shipped shapes-world model and say where it went."""
-    from PIL import Image, ImageDraw
-
-    from jaxdiff.eval.fidelity import score
-    from jaxdiff.pipelines.generate import default_model, model_sampling_defaults, no_model_message
-    from jaxdiff.pipelines.stable_diffusion import Pipeline, check_interval
 
     if not args.model and default_model() is None:
         sys.exit(f"demo: {no_model_message()}")

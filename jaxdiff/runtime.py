@@ -24,7 +24,7 @@ def tune_cpu() -> bool:
     ):
         return False
     try:
-        from jaxlib.version import __version__ as jaxlib_version
+        from jaxlib.version import __version__ as jaxlib_version  # noqa: PLC0415 (imported only when tuning)
     except ImportError:
         return False
     if not jaxlib_version.startswith("0.10."):

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from transformers import CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -22,7 +23,6 @@ class Tokenizer:
     """
 
     def __init__(self, folder, max_length: int | None = None):
-        from transformers import CLIPTokenizer
 
         folder = Path(folder)
         if not (folder / "vocab.json").exists() and not (folder / "tokenizer.json").exists():

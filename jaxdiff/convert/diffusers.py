@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from jaxdiff.convert import naming, tensors
 from jaxdiff.models import text as text_lib
@@ -340,7 +341,6 @@ def abstract_params(kind: str, config, dtype=jnp.float32):
 def params_from_state_dict(kind: str, config, state_dict: dict, dtype=jnp.float32, what=None):
     """A PyTorch-layout state dict -> the component's Flax params (every key checked)."""
     comp = COMPONENTS[kind]
-    from flax import linen as nn
 
     shapes = nn.unbox(abstract_params(kind, config, dtype))
     return naming.torch_to_flax(

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.convert import diffusers as dconv
+from jaxdiff.convert.clip import TOKENIZER_FILES
 from jaxdiff.convert.diffusers import ModelFolderError
 from jaxdiff.tokenizer import Tokenizer
 
@@ -95,7 +96,6 @@ def load_pretrained(folder, *, dtype=jnp.float32, variant: str | None = None) ->
 
 def copy_tokenizer(src, dst):
     """The tokenizer files of ``src`` (a tokenizer folder, or a CLIPModel folder holding one) into ``dst``."""
-    from jaxdiff.convert.clip import TOKENIZER_FILES
 
     src, dst = Path(src), Path(dst)
     names = [n for n in TOKENIZER_FILES if (src / n).is_file()]

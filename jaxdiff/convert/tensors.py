@@ -86,7 +86,7 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
 def read_torch_bin(path) -> dict[str, np.ndarray]:
     """A PyTorch state dict, loaded with ``weights_only=True`` (no arbitrary code runs)."""
     try:
-        import torch
+        import torch  # noqa: PLC0415 (optional: only .bin checkpoints need torch)
     except ImportError as e:
         raise ImportError(
             f"{path} is a PyTorch pickle; reading it needs torch installed "

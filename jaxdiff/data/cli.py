@@ -22,6 +22,9 @@ import numpy as np
 from jaxdiff.data import folder
 from jaxdiff.data import shapes_world as sw
 from jaxdiff.data.pipeline import DecodeExample
+from PIL import Image, PngImagePlugin
+from jaxdiff.data import shapes_tfds
+from PIL import Image, ImageDraw, ImageFont
 
 
 def _resolution(text):
@@ -41,7 +44,6 @@ def _count(text):
 
 def _save_png(image, path, text=None):
     """Write a PNG atomically (temp file in the same folder, then rename)."""
-    from PIL import Image, PngImagePlugin
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +62,6 @@ def _save_png(image, path, text=None):
 
 
 def _build(args):
-    from jaxdiff.data import shapes_tfds
 
     sizes = {"train": args.train, "validation": args.validation, "heldout": args.heldout}
     if not any(sizes.values()):
@@ -92,7 +93,6 @@ def _show(args):
     if args.data_dir:
         import tensorflow_datasets as tfds
 
-        import jaxdiff.data.shapes_tfds  # noqa: F401  (registers the builder)
         root = Path(args.data_dir) / "shapes_world" / str(args.resolution)
         if not root.is_dir():
             sys.exit(f"jaxdiff data show: {root}: no shapes_world build at {args.resolution} px "
@@ -118,7 +118,6 @@ def _show(args):
 
 def grid_image(split="train", resolution=64, per_kind=6, seed=0, scale=2):
     """uint8 grid: one row per scene kind, `per_kind` real examples each, captions under the tiles."""
-    from PIL import Image, ImageDraw, ImageFont
 
     rows = {k: [] for k in sw.KINDS}
     i = 0

@@ -27,6 +27,20 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from jaxdiff.data.folder import SkipLog
+import jax
+from jaxdiff.data import shapes_world as sw
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxdiff import sharding as sh
+from jaxdiff.tokenizer import Tokenizer
+from absl import flags
+from concurrent.futures import ThreadPoolExecutor
+from tqdm import tqdm
+from jaxdiff.data.folder import open_folder
+from pathlib import Path
 
 STATE_VERSION = 1
 
@@ -192,7 +206,6 @@ def _shuffle_seed(seed: int) -> int:
 
 def make_pipeline(source, config: PipelineConfig = PipelineConfig(), tokenizer=None) -> Pipeline:
     """Host-sharded, shuffled, decoded, batched and tokenised examples from a random-access `source`."""
-    import jax
 
     cfg = config
     if cfg.image_dtype not in ("float32", "uint8"):
@@ -218,7 +231,6 @@ def make_pipeline(source, config: PipelineConfig = PipelineConfig(), tokenizer=N
         raise ValueError(f"{n} records cannot be shared by {count} hosts (each needs at least one"
                          + (f" group of {group})" if group > 1 else ")"))
     if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
-        from jaxdiff.tokenizer import Tokenizer
         tokenizer = Tokenizer(tokenizer)
 
     skips = SkipLog()
@@ -247,7 +259,6 @@ def make_pipeline(source, config: PipelineConfig = PipelineConfig(), tokenizer=N
         ds = ds.shuffle(seed=_shuffle_seed(cfg.seed))
     ds = ds.repeat(cfg.num_epochs)
     if cfg.workers > 0:  # each worker process decodes every workers-th example
-        from absl import flags
         if not flags.FLAGS.is_parsed():
             # grain 0.2.18's mp_prefetch reads an absl flag, which raises unless flags were parsed
             # (google/grain#1355, fixed after 0.2.18): defaults are what we want.
@@ -358,7 +369,6 @@ class _ArrayIterator:
     repeat-then-batch); `prefetch_batches` of them are built ahead in two threads."""
 
     def __init__(self, ds: _ArrayDataset):
-        from concurrent.futures import ThreadPoolExecutor
         self.ds, self.pos, self._perms = ds, 0, {}
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="jaxdiff-array-batches")
         self._ahead: list = []          # (position, future) of the batches read ahead, in order
@@ -452,7 +462,6 @@ def synthetic_source(n: int = 1024, resolution: int = 64, seed: int = 0) -> list
 def _shapes_chunk(args) -> tuple[np.ndarray, list[str]]:
     """Examples ``indices`` of a split; with renders > 1 each is followed by renders - 1 other scenes of its
     caption, scene j of example i drawn from ``default_rng([seed, split id, i, j])``."""
-    from jaxdiff.data import shapes_world as sw
     split, indices, seed, resolution, renders, canonical, shared = args
     images, captions = [], []
     for i in indices:
@@ -467,7 +476,6 @@ def _shapes_chunk(args) -> tuple[np.ndarray, list[str]]:
 def kind_quotas(n: int, mix: dict[str, float]) -> dict[str, int]:
     """How many of n examples each scene kind gets: the named kinds their fractions of n, the others
     an equal share of what is left (rounded so that the quotas add up to n)."""
-    from jaxdiff.data import shapes_world as sw
     bad = sorted(set(mix) - set(sw.KINDS))
     if bad:
         raise ValueError(f"unknown scene kind(s) {bad}: expected some of {list(sw.KINDS)}")
@@ -486,7 +494,6 @@ def kind_quotas(n: int, mix: dict[str, float]) -> dict[str, int]:
 
 def _indices_by_kind(split: str, n: int, seed: int, mix: dict[str, float]) -> np.ndarray:
     """The first examples of `split`, in index order, that fill each kind's quota (see `kind_quotas`)."""
-    from jaxdiff.data import shapes_world as sw
     left = kind_quotas(n, mix)
     out, i = [], 0
     while len(out) < n:
@@ -537,12 +544,7 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
     (`shapes_world.sample_scene`; their captions name the new B), the pairs whose attributes a model swaps
     or copies most often (docs/shapes_sd.md, attempt 18).
     """
-    import multiprocessing
-    import os
-    import sys
-    from concurrent.futures import ProcessPoolExecutor
 
-    from jaxdiff.data import shapes_world as sw
     if n < 1:
         raise ValueError(f"shapes_world_memory needs n >= 1 examples, got {n}")
     if renders < 1 or n % renders:
@@ -562,7 +564,6 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
     captions: list[str] = []
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=n, desc=f"rendering shapes_world/{split} at {resolution} px", unit="ex")
 
     def take(chunk_images, chunk_captions):
@@ -627,10 +628,8 @@ def open_source(spec: str, resolution: int = 64, split: str = "train"):
     `synthetic[:N]`."""
     kind, _, arg = spec.partition(":")
     if kind == "folder" and arg:
-        from jaxdiff.data.folder import open_folder
         return open_folder(arg)
     if kind == "shapes_world" and arg:
-        from pathlib import Path
 
         import tensorflow_datasets as tfds
 
@@ -661,9 +660,7 @@ def open_source(spec: str, resolution: int = 64, split: str = "train"):
 
 def batch_sharding(mesh, rules=None):
     """NamedSharding of a batch's leading axis, from the BATCH rule of `rules` (default data parallel)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jaxdiff import sharding as sh
     axes = dict(sh.DATA_PARALLEL if rules is None else rules).get(sh.BATCH)
     return NamedSharding(mesh, P(axes))
 
@@ -673,7 +670,6 @@ def to_global(batch: dict[str, Any], mesh, rules=None) -> dict:
 
     Non-numeric entries (captions) stay on the host and are left out.
     """
-    import jax
 
     sharding = batch_sharding(mesh, rules)
     axes = sharding.spec[0]

@@ -15,14 +15,19 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from jaxdiff.convert.runs import load_vae
+from jaxdiff.data.shapes_world import RESOLUTIONS, SPLITS
+from jaxdiff.eval import clip as ce
+from jaxdiff.eval import frechet
+from jaxdiff.eval import vae as ve
+from jaxdiff.eval.fidelity import IMAGE_SUFFIXES, evaluate_folder, read_folder, write_json
 
 
 def read_images(folder, size=None, square: bool = True):
     """uint8 [N, S, S, 3] of every image in a folder (resized to `size` if given); with
     ``square=False`` a list of images of any size, as they are."""
-    from PIL import Image
-
-    from jaxdiff.eval.fidelity import IMAGE_SUFFIXES
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -50,7 +55,6 @@ def read_images(folder, size=None, square: bool = True):
 
 
 def _fidelity(args):
-    from jaxdiff.eval.fidelity import evaluate_folder
 
     if args.resolution is not None and args.resolution < 16:
         sys.exit(f"jaxdiff eval fidelity: --resolution {args.resolution}: score at 64 px or above")
@@ -65,15 +69,12 @@ def _fidelity(args):
 
 
 def _frechet(args):
-    from jaxdiff.eval import frechet
-    from jaxdiff.eval.fidelity import write_json
 
     try:
         images = read_images(args.images)
         size = images.shape[1]
         if args.reference.startswith("shapes_world:"):
             split = args.reference.split(":", 1)[1]
-            from jaxdiff.data.shapes_world import RESOLUTIONS, SPLITS
 
             if split not in SPLITS:
                 raise ValueError(
@@ -106,8 +107,6 @@ def _frechet(args):
 
 
 def _clip(args):
-    from jaxdiff.eval import clip as ce
-    from jaxdiff.eval.fidelity import write_json
 
     if args.n < 2:
         sys.exit(f"jaxdiff eval clip: --n {args.n}: need at least 2 examples")
@@ -129,8 +128,6 @@ def _clip(args):
 
 
 def _clip_score(args):
-    from jaxdiff.eval import clip as ce
-    from jaxdiff.eval.fidelity import read_folder, write_json
 
     try:
         if args.prompt is not None:
@@ -160,9 +157,6 @@ def _clip_score(args):
 
 
 def _vae(args):
-    from jaxdiff.convert.runs import load_vae
-    from jaxdiff.eval import vae as ve
-    from jaxdiff.eval.fidelity import write_json
 
     try:
         cfg, params = load_vae(args.model)

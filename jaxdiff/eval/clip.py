@@ -18,6 +18,8 @@ import jax
 import numpy as np
 
 from jaxdiff.convert.runs import load_clip
+from jaxdiff.data import pipeline as pl
+from jaxdiff.data import shapes_world as sw
 from jaxdiff.models import clip as clip_lib
 from jaxdiff.tokenizer import Tokenizer
 
@@ -127,7 +129,6 @@ def clip_score(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
 def shapes_world_report(model: Model, split: str = "heldout", n: int = 1000, seed: int = 0) -> dict:
     """Zero-shot colour and shape (scenes whose objects share one colour and shape, i.e. single,
     background and count scenes), and retrieval recall@k on ``n`` rendered examples of ``split``."""
-    from jaxdiff.data import shapes_world as sw
 
     if split not in sw.SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(sw.SPLITS)}")
@@ -182,7 +183,6 @@ def format_report(r: dict) -> str:
 
 def folder_report(model: Model, source: str, n: int = 1000) -> dict:
     """Retrieval recall@k and CLIP score on the first ``n`` (image, caption) pairs of a data source."""
-    from jaxdiff.data import pipeline as pl
 
     size = model.config.vision.image_size
     src = pl.open_source(source, resolution=size)

@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 from jaxdiff.data import shapes_world as sw
@@ -395,7 +396,6 @@ def read_folder(folder, resolution=None, shapes_world: bool = True):
     """(images, captions, splits, names) of a folder; captions from PNG text `prompt`, a same-named
     `.txt`, or `captions.jsonl`; checked (captions parsed, images read) before any scoring.
     ``shapes_world=False``: any caption, any image size (CLIP score)."""
-    from PIL import Image
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -23,6 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxdiff.data import shapes_world as sw
+from jaxdiff.data.shapes_world import KINDS
+from jaxdiff.eval import fidelity, frechet
+from jaxdiff.eval.fidelity import write_json
+from jaxdiff.pipelines.stable_diffusion import Pipeline, check_interval
 from jaxdiff.runtime import tune_cpu
 
 GUIDANCE = (
@@ -60,7 +65,6 @@ def generate(
 
 def captions_of(split: str, n: int, kind: str | None = None) -> list[str]:
     """The captions of the first n examples of ``split`` (of scene kind ``kind`` if given)."""
-    from jaxdiff.data import shapes_world as sw
 
     if kind is not None and kind not in sw.KINDS:
         raise ValueError(f"unknown scene kind {kind!r}: expected one of {list(sw.KINDS)}")
@@ -77,7 +81,6 @@ def quick_check(
     pipe, n_val, n_heldout, guidance=3.0, kind=None, steps=25, sampler="ddim", log=print, **guide
 ) -> list:
     """Fidelity at one guidance weight on the first captions of each split (of one kind if given)."""
-    from jaxdiff.eval import fidelity
 
     rows = []
     for split, n in (("validation", n_val), ("heldout", n_heldout)):
@@ -118,7 +121,6 @@ def quick_check(
 
 def recolour(scene, rng):
     """(edited caption, new colour) for a one-object scene: the same words with another colour."""
-    from jaxdiff.data import shapes_world as sw
 
     p = sw.parse_caption(scene.caption)
     o = p.objects[0]
@@ -132,8 +134,6 @@ def recolour(scene, rng):
 
 
 def guidance_study(pipe, n_val, n_heldout, steps, sampler, weights=GUIDANCE, log=print, **guide):
-    from jaxdiff.data import shapes_world as sw
-    from jaxdiff.eval import fidelity, frechet
 
     rows = []
     for split, n in (("validation", n_val), ("heldout", n_heldout)):
@@ -167,8 +167,6 @@ def guidance_study(pipe, n_val, n_heldout, steps, sampler, weights=GUIDANCE, log
 
 def sdedit_study(pipe, n, steps, sampler, guidance, strengths=STRENGTHS, log=print, **guide):
     """Recolour the object of n one-object validation scenes (real renders) at each strength."""
-    from jaxdiff.data import shapes_world as sw
-    from jaxdiff.eval import fidelity
 
     rng = np.random.default_rng(0)
     scenes, i = [], 0
@@ -212,7 +210,6 @@ def sdedit_study(pipe, n, steps, sampler, guidance, strengths=STRENGTHS, log=pri
 
 
 def markdown(result) -> str:
-    from jaxdiff.data.shapes_world import KINDS
 
     g, e = result["guidance"], result["sdedit"]
     rescale, interval = result.get("guidance_rescale", 0.0), result.get("guidance_interval")
@@ -383,7 +380,6 @@ def main(argv=None):
         ap.error(f"--weights must be finite and >= 0, got {args.weights!r}")
     if args.json and not Path(args.json).parent.is_dir():
         ap.error(f"--json: folder {Path(args.json).parent} does not exist")
-    from jaxdiff.pipelines.stable_diffusion import Pipeline, check_interval
 
     guide = {"guidance_rescale": args.guidance_rescale}
     if args.guidance_interval:
@@ -397,8 +393,6 @@ def main(argv=None):
             pipe, n_val, n_held, args.guidance, args.kind, args.steps, args.sampler, **guide
         )
         if args.json:
-            from jaxdiff.eval.fidelity import write_json
-
             write_json(
                 {
                     "model": args.model,

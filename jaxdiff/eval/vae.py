@@ -5,8 +5,14 @@ jaxdiff eval vae --model runs/vae_shapes|models/shapes_sd [--split validation] [
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import numpy as np
+
+from jaxdiff.data import shapes_world as sw
+from jaxdiff.eval import fidelity
+from jaxdiff.models.vae import AutoencoderKL
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -17,7 +23,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def reconstruct(config, params, images: np.ndarray, batch: int = 100) -> np.ndarray:
     """uint8 [N, S, S, 3] -> decode(mode of q(z | x)), uint8."""
-    from jaxdiff.models.vae import AutoencoderKL
 
     vae = AutoencoderKL(config)
 
@@ -39,10 +44,6 @@ def shapes_world_psnr(
 ) -> dict:
     """PSNR of reconstructions of rendered examples 0 .. n-1, and their prompt fidelity against the
     examples' own captions: the ceiling on any latent diffusion model's fidelity with this VAE."""
-    import warnings
-
-    from jaxdiff.data import shapes_world as sw
-    from jaxdiff.eval import fidelity
 
     scenes = [sw.sample_scene(split, i) for i in range(n)]
     images = np.stack([sw.render(s, resolution) for s in scenes])

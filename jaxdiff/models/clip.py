@@ -13,7 +13,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+from PIL import Image
 
 from jaxdiff import sharding as sh
 from jaxdiff.models.layers import constrain, dense, layer_norm
@@ -285,8 +287,6 @@ def preprocess(images, config: CLIPConfig):
     """uint8 or [0, 1] float images [N, H, W, 3] of any square-or-not size -> the vision tower's
     normalised input: bicubic resize of the shorter side to ``image_size``, centre crop (as
     transformers' ``CLIPImageProcessor``; done with PIL on the host)."""
-    import numpy as np
-    from PIL import Image
 
     size = config.vision.image_size
     out = []

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import traverse_util
 
 from jaxdiff import sharding as sh
 from jaxdiff.models.layers import (
@@ -559,7 +560,6 @@ def grow_params(
             f"grow_params: {new_config.block_out_channels} does not extend "
             f"{old_config.block_out_channels} by levels below it"
         )
-    from flax import traverse_util
 
     flat_old = traverse_util.flatten_dict(old)
     out, copied = {}, 0

@@ -17,7 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+from jaxdiff.convert.diffusers import ModelFolderError
+from jaxdiff.diffusion.schedules import SAMPLERS, ScheduleError, resolve
+from jaxdiff.pipelines.stable_diffusion import GenerationError, Pipeline, check_interval, seeds_for
 
 KEYS = (
     "mode",
@@ -196,7 +203,6 @@ def model_sampling_defaults(folder) -> dict:
 
 def read_png_parameters(path) -> dict:
     """The generation parameters a jaxdiff PNG carries (its `jaxdiff` text chunk)."""
-    from PIL import Image
 
     try:
         with Image.open(path) as im:
@@ -242,7 +248,6 @@ def _fail(mode, msg):
 
 def _check(mode: str, p: dict) -> None:
     """Everything that can be checked without loading weights."""
-    from jaxdiff.diffusion.schedules import SAMPLERS
 
     if not p.get("model"):
         _fail(mode, no_model_message())
@@ -266,8 +271,6 @@ def _check(mode: str, p: dict) -> None:
         _fail(mode, f"--steps must be at least 1, got {p['steps']}")
     gi = p["guidance_interval"]
     if gi is not None:  # "LO,HI" from the flag, [lo, hi] from a PNG
-        from jaxdiff.pipelines.stable_diffusion import check_interval
-
         parts = gi.split(",") if isinstance(gi, str) else gi
         try:
             p["guidance_interval"] = list(check_interval(parts))
@@ -285,7 +288,6 @@ def _check(mode: str, p: dict) -> None:
 
 
 def _load_image(mode: str, path, height, width) -> np.ndarray:
-    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
@@ -310,8 +312,6 @@ def _next_index(out: Path) -> int:
 
 def save_png(path: Path, image: np.ndarray, params: dict) -> None:
     """uint8 PNG with the parameters as text chunks (and all of them as JSON under `jaxdiff`)."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for k, v in params.items():
@@ -339,12 +339,6 @@ def run(mode: str, argv=None) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         _fail(mode, f"cannot create {out}: {e}")
-
-    import jax.numpy as jnp
-
-    from jaxdiff.convert.diffusers import ModelFolderError
-    from jaxdiff.diffusion.schedules import ScheduleError
-    from jaxdiff.pipelines.stable_diffusion import GenerationError, Pipeline, seeds_for
 
     t0 = time.perf_counter()
     try:
@@ -377,7 +371,6 @@ def run(mode: str, argv=None) -> list[Path]:
             )
     except (GenerationError, ScheduleError, ModelFolderError, ValueError) as e:
         _fail(mode, str(e))
-    from jaxdiff.diffusion.schedules import resolve
 
     sampler = resolve(pipe.model.scheduler_config, p["sampler"]).sampler
     h, w = images.shape[1:3]

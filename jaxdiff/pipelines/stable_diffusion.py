@@ -24,7 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
+from jaxdiff import sharding
+from jaxdiff.convert.diffusers import abstract_params
 from jaxdiff.convert.pretrained import StableDiffusion, load_pretrained
 from jaxdiff.diffusion import guidance as G
 from jaxdiff.diffusion import samplers as SM
@@ -203,9 +206,6 @@ class Pipeline:
             if param_sharding == "replicated":
                 params = jax.device_put(params, NamedSharding(mesh, P()))
             elif param_sharding == "fsdp":
-                from jaxdiff import sharding
-                from jaxdiff.convert.diffusers import abstract_params
-
                 cfgs = {
                     "unet": model.unet_config,
                     "vae": model.vae_config,
@@ -454,8 +454,6 @@ class Pipeline:
         batch = self._shard_batch(batch)
         fn = _program(st)
         if progress:
-            from tqdm.auto import tqdm
-
             _PROGRESS["bar"] = tqdm(
                 total=plan.num_calls, desc=f"{schedule.sampler} x{plan.num_steps}", unit="step"
             )

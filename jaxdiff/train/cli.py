@@ -13,9 +13,33 @@ import argparse
 import ast
 import dataclasses
 import importlib.util
+import json
+import math
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+
+import jax
+from etils import epath
+from flax import linen as nn
+
+from jaxdiff import sharding as sh
+from jaxdiff.convert.clip import load_clip as load_clip_folder
+from jaxdiff.convert.diffusers import COMPONENTS, UNET_EXTENSIONS
+from jaxdiff.convert.pretrained import load_pretrained
+from jaxdiff.convert.runs import load_clip, load_vae
+from jaxdiff.data import pipeline as pl
+from jaxdiff.data.shapes_world import vocabulary
+from jaxdiff.models import clip as clip_lib
+from jaxdiff.models import text, unet, vae
+from jaxdiff.models.unet import grow_params
+from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer, write_small_clip_tokenizer
+from jaxdiff.train import loop, tasks
+from jaxdiff.train.export import RANDOM_TEXT, latent_scaling_factor, write_ldm_record
+from jaxdiff.train.metrics import MetricWriter, json_safe, write_run_info
+from jaxdiff.train.optim import OptimConfig
 
 # keys that may change between a run and its resumption (the rest must match the checkpoints);
 # optim.total_steps with loop.steps extends a run: the learning-rate schedule is a function of the step,
@@ -109,7 +133,6 @@ def _dataclass(cls, values):
 
 
 def _distributed(args):
-    import jax
 
     addr = args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if args.distributed and not addr:
@@ -137,18 +160,9 @@ def _distributed(args):
 
 def build(config, mesh=None, rules=None, workdir=None):
     """The task, tokenizer and frozen parts a config describes."""
-    import jax
-    from flax import linen as nn
 
     if config.task == "clip":
         return _build_clip(config, mesh, rules, workdir)
-
-    import tempfile
-
-    from jaxdiff.convert.diffusers import COMPONENTS, UNET_EXTENSIONS
-    from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer
-    from jaxdiff.train import tasks
-    from jaxdiff.train.export import RANDOM_TEXT
 
     m = config.model
     sd = None
@@ -160,7 +174,6 @@ def build(config, mesh=None, rules=None, workdir=None):
 
     if config.task == "vae" and m.model_dir:
         # fine-tune a VAE: from a VAE run, an exported AutoencoderKL folder or a diffusers folder's vae/
-        from jaxdiff.convert.runs import load_vae
 
         try:
             vcfg, init = load_vae(m.model_dir)
@@ -170,8 +183,6 @@ def build(config, mesh=None, rules=None, workdir=None):
             _dataclass(tasks.VAEConfigTrain, dict(config.vae)), vcfg, init_params=init
         ), Tokenizer(clip_vocabulary())
     if m.model_dir:
-        from jaxdiff.convert.pretrained import load_pretrained
-
         sd = load_pretrained(m.model_dir)
         tok, tok_folder = sd.tokenizer, Path(m.model_dir) / "tokenizer"
     else:
@@ -179,7 +190,6 @@ def build(config, mesh=None, rules=None, workdir=None):
         tok = Tokenizer(tok_folder)
 
     def preset(kind, name):
-        from jaxdiff.models import text, unet, vae
 
         table = {"unet": unet, "vae": vae, "text_encoder": text}[kind].PRESETS
         if name not in table:
@@ -214,8 +224,6 @@ def build(config, mesh=None, rules=None, workdir=None):
         frozen = {"vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
         init = sd.params["unet"]
         if m.get("unet_preset"):  # grow model_dir's UNet into a deeper preset
-            from jaxdiff.models.unet import grow_params
-
             grown_cfg = preset("unet", m.unet_preset)
             try:
                 init, copied, fresh = grow_params(
@@ -234,8 +242,6 @@ def build(config, mesh=None, rules=None, workdir=None):
         for field, _, what, unit in UNET_EXTENSIONS:  # add (or resize) jaxdiff's UNet extensions
             value = m.get(f"unet_{field}", None)
             if value is not None and value != getattr(ucfg, field):
-                from jaxdiff.models.unet import grow_params
-
                 new_cfg = _with_unet(ucfg, field, value)
                 init, copied, fresh = grow_params(
                     init, ucfg, random_params("unet", new_cfg, 4), new_cfg
@@ -244,8 +250,6 @@ def build(config, mesh=None, rules=None, workdir=None):
                 print(f"UNet: {what} of {value} {unit} ({fresh} new tensors)", flush=True)
         heads = m.get("unet_text_pooling", None)
         if heads is not None and heads != _text_pooling_heads(ucfg):
-            from jaxdiff.models.unet import grow_params
-
             new_cfg = _with_text_pooling(ucfg, heads)
             init, copied, fresh = grow_params(
                 init, ucfg, random_params("unet", new_cfg, 4), new_cfg
@@ -290,9 +294,6 @@ def build(config, mesh=None, rules=None, workdir=None):
             flush=True,
         )
     elif m.get("text_encoder"):  # a CLIP's text tower, frozen, as SD uses OpenAI's CLIP
-        from jaxdiff.convert.runs import load_clip
-        from jaxdiff.models import clip as clip_lib
-
         ccfg, cparams, tok_folder = load_clip(m.text_encoder)
         tcfg, frozen["text_encoder"] = clip_lib.text_encoder(ccfg, cparams)
         tok = Tokenizer(tok_folder, max_length=ccfg.text.max_position_embeddings)
@@ -306,8 +307,6 @@ def build(config, mesh=None, rules=None, workdir=None):
     if m.get(
         "vae_workdir"
     ):  # a `jaxdiff train` VAE run (configs/vae_*.py) or an exported vae/ folder
-        from jaxdiff.convert.runs import load_vae
-
         try:
             vae_cfg, vae_params = load_vae(m.vae_workdir)
         except (FileNotFoundError, ValueError) as e:
@@ -323,8 +322,6 @@ def build(config, mesh=None, rules=None, workdir=None):
     if m.get("scaling_factor", None) is not None and not sd:
         factor = m.scaling_factor
         if factor == 0:  # 1 / std of the training latents, as SD 1's 0.18215 was chosen
-            from jaxdiff.train.export import latent_scaling_factor
-
             factor = latent_scaling_factor(
                 vcfg, frozen["vae"], config.data.source, config.data.resolution
             )
@@ -335,8 +332,6 @@ def build(config, mesh=None, rules=None, workdir=None):
         vcfg = dataclasses.replace(vcfg, scaling_factor=float(factor))
     ldm = _dataclass(tasks.LDMConfig, dict(config.ldm))
     if workdir is not None and jax.process_index() == 0:
-        from jaxdiff.train.export import write_ldm_record
-
         write_ldm_record(
             workdir,
             ucfg,
@@ -399,11 +394,8 @@ def _with_text_pooling(ucfg, heads):
 def clip_tokenizer(kind: str, folder, max_length: int):
     """The tokenizer a CLIP config names, written to ``folder``: ``shapes`` (the shapes world's
     644-token vocabulary), ``clip`` (OpenAI's 49,408 tokens), or a tokenizer folder's path."""
-    from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer, write_small_clip_tokenizer
 
     if kind == "shapes":
-        from jaxdiff.data.shapes_world import vocabulary
-
         return Tokenizer(
             write_small_clip_tokenizer(folder, vocabulary(), max_length=max_length), max_length
         )
@@ -413,7 +405,6 @@ def clip_tokenizer(kind: str, folder, max_length: int):
         raise SystemExit(
             f"jaxdiff train: model.tokenizer {kind!r}: expected shapes, clip or a tokenizer folder"
         )
-    import shutil
 
     shutil.copytree(kind, folder, dirs_exist_ok=True)
     return Tokenizer(folder, max_length)
@@ -422,19 +413,10 @@ def clip_tokenizer(kind: str, folder, max_length: int):
 def _build_clip(config, mesh, rules, workdir):
     """CLIP: a preset (or a transformers CLIPModel folder to fine-tune) and its tokenizer, which is
     also saved as WORKDIR/tokenizer so the run's checkpoints are usable on their own."""
-    import math
-    import tempfile
-
-    import jax
-
-    from jaxdiff.models import clip as clip_lib
-    from jaxdiff.train import tasks
 
     m, init = config.model, None
     if m.get("model_dir"):
-        from jaxdiff.convert.clip import load_clip
-
-        ccfg, init = load_clip(m.model_dir)
+        ccfg, init = load_clip_folder(m.model_dir)
     elif m.preset in clip_lib.PRESETS:
         ccfg = clip_lib.PRESETS[m.preset]
     else:
@@ -471,9 +453,6 @@ def _build_clip(config, mesh, rules, workdir):
             f"not fit the text tower (vocab {ccfg.text.vocab_size}, EOS {ccfg.text.eos_token_id})"
         )
     if workdir is not None and jax.process_index() == 0:  # the run's model is usable on its own
-        import json
-        import shutil
-
         shutil.copytree(here, Path(workdir) / "tokenizer", dirs_exist_ok=True)
         (Path(workdir) / "clip.json").write_text(
             json.dumps(clip_lib.config_to_dict(ccfg), indent=1)
@@ -511,15 +490,6 @@ def main(argv=None):
     args = ap.parse_args(known)
     config = apply_overrides(load_config(args.config), overrides)
     _distributed(args)
-
-    import jax
-    from etils import epath
-
-    from jaxdiff import sharding as sh
-    from jaxdiff.data import pipeline as pl
-    from jaxdiff.train import loop
-    from jaxdiff.train.metrics import MetricWriter, json_safe, write_run_info
-    from jaxdiff.train.optim import OptimConfig
 
     workdir = epath.Path(args.workdir)
     # logs, samples, config.json and versions.json: the workdir, or ./logs/NAME for a bucket workdir

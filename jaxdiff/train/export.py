@@ -8,11 +8,24 @@ model its checkpoints belong to.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from jaxdiff.convert import diffusers as dconv
+from jaxdiff.convert.pretrained import (
+    StableDiffusion,
+    copy_tokenizer,
+    load_pretrained,
+    save_pretrained,
+)
+from jaxdiff.convert.runs import load_clip, load_run_params, load_vae
+from jaxdiff.data import pipeline as pl
+from jaxdiff.models import clip as clip_lib
+from jaxdiff.models.vae import AutoencoderKL
 
 RECORD = "ldm.json"
 RANDOM_TEXT = "random"  # model.text_encoder: a new tower, trained with the UNet
@@ -23,8 +36,6 @@ def latent_scaling_factor(
 ) -> float:
     """1 / std of VAE latents z ~ q(z | x) over the first ``n`` images of ``source`` (the rule that gave
     SD 1's 0.18215): scaled latents have unit variance, which the noise schedule assumes."""
-    from jaxdiff.data import pipeline as pl
-    from jaxdiff.models.vae import AutoencoderKL
 
     src = pl.open_source(source, resolution=resolution)
     decode = pl.DecodeExample(resolution)
@@ -54,7 +65,6 @@ def write_ldm_record(
     workdir, unet_config, vae_config, text_config, ldm, tokenizer_folder, **sources
 ):
     """WORKDIR/ldm.json (component configs, scheduler, sources) and WORKDIR/tokenizer/."""
-    from jaxdiff.convert import diffusers as dconv
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -66,8 +76,6 @@ def write_ldm_record(
         "sources": {k: str(v) for k, v in sources.items()},
     }
     if tokenizer_folder is not None:
-        from jaxdiff.convert.pretrained import copy_tokenizer
-
         copy_tokenizer(tokenizer_folder, workdir / "tokenizer")
     tmp = workdir / (RECORD + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -94,10 +102,6 @@ def scheduler_config(ldm) -> dict:
 
 def export_ldm(workdir, out, overwrite: bool = False, prefer_ema: bool = True):
     """A latent-diffusion run (its newest checkpoint, EMA if kept) -> a diffusers folder."""
-    from jaxdiff.convert import diffusers as dconv
-    from jaxdiff.convert.pretrained import StableDiffusion, save_pretrained
-    from jaxdiff.convert.runs import load_run_params
-    from jaxdiff.models import clip as clip_lib
 
     workdir = Path(workdir)
     rec = json.loads((workdir / RECORD).read_text())
@@ -108,8 +112,6 @@ def export_ldm(workdir, out, overwrite: bool = False, prefer_ema: bool = True):
     src = rec["sources"]
     base = None
     if src.get("model_dir"):  # a fine-tuned model: its parts unless the run replaced them
-        from jaxdiff.convert.pretrained import load_pretrained
-
         base = load_pretrained(src["model_dir"])
     if not (src.get("vae_workdir") or base) or not (src.get("text_encoder") or base):
         raise ValueError(
@@ -117,16 +119,12 @@ def export_ldm(workdir, out, overwrite: bool = False, prefer_ema: bool = True):
             "encoder (model.text_encoder), or a model.model_dir; this one used random frozen parts"
         )
     if src.get("vae_workdir"):
-        from jaxdiff.convert.runs import load_vae
-
         _, vae = load_vae(src["vae_workdir"])
     else:
         vae = base.params["vae"]
     if src.get("text_encoder") == RANDOM_TEXT:  # trained from scratch here: the checkpoint holds it
         text_cfg, text = tcfg, None
     elif src.get("text_encoder"):
-        from jaxdiff.convert.runs import load_clip
-
         ccfg, cparams, _ = load_clip(src["text_encoder"])
         text_cfg, text = clip_lib.text_encoder(ccfg, cparams)
     else:
@@ -156,10 +154,6 @@ def export_ldm(workdir, out, overwrite: bool = False, prefer_ema: bool = True):
 def export_vae(workdir, out, overwrite: bool = False) -> float:
     """A VAE run -> a diffusers ``AutoencoderKL`` folder whose scaling factor is measured on the run's
     training data (:func:`latent_scaling_factor`); returns the factor."""
-    import dataclasses
-
-    from jaxdiff.convert import diffusers as dconv
-    from jaxdiff.convert.runs import load_vae
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:

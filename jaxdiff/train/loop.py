@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -235,7 +236,6 @@ def _stop_requested(preempt, step) -> bool:
     jax.distributed.initialize) makes every process agree on the same step to stop at."""
     if jax.process_count() == 1:
         return preempt.requested
-    from jax.experimental import multihost_utils
 
     return bool(multihost_utils.reached_preemption_sync_point(step))
 

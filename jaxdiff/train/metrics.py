@@ -22,7 +22,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+import jax
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 PACKAGES = (
     "jax",
@@ -94,8 +97,6 @@ class _Progress:
         self.printed_step: int | None = None
         self.bar = None
         if _isatty(stream):
-            from tqdm import tqdm
-
             fmt = (
                 "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}"
                 if total
@@ -226,7 +227,6 @@ class MetricWriter:
         if not self._live():
             return
         grids = {name: image_grid(x) for name, x in images.items()}  # validate all before writing
-        from PIL import Image
 
         samples = self.workdir / "samples"
         samples.mkdir(exist_ok=True)
@@ -286,7 +286,7 @@ def _summary_writer(logdir: Path):
     if hide:
         sys.modules["torch"] = None  # makes `import torch` raise ImportError
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # noqa: PLC0415 (with torch hidden)
     finally:
         if hide:
             del sys.modules["torch"]
@@ -330,7 +330,6 @@ def write_run_info(workdir, config, *, extra: Mapping | None = None, is_main: bo
 
 def versions() -> dict:
     """Package versions (None when not installed), platform, devices, processes, git commit."""
-    import jax
 
     packages = {"python": platform.python_version()}
     for name in PACKAGES:

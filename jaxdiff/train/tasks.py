@@ -10,10 +10,17 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from jaxdiff import sharding as sh
+from jaxdiff.convert.diffusers import COMPONENTS
+from jaxdiff.diffusion import guidance as G
+from jaxdiff.diffusion import samplers as SM
 from jaxdiff.diffusion import schedules as S
+from jaxdiff.models import clip as clip_lib
 from jaxdiff.models.text import TextTransformer, eos_index
 from jaxdiff.models.unet import UNet
 from jaxdiff.models.vae import AutoencoderKL, scale_latents
+from jaxdiff.train import contrastive
+from jaxdiff.train.export import scheduler_config
 from jaxdiff.train.step import Task
 
 
@@ -56,7 +63,6 @@ class LDMConfig:
 
 def _init_like(module, kind, config, key, init_params=None):
     """Boxed params (logical axis names) from a smallest-input init, or ``init_params`` in those boxes."""
-    from jaxdiff.convert.diffusers import COMPONENTS
 
     return _boxed_like(
         module.init(key, *COMPONENTS[kind].dummy_inputs(config))["params"], init_params
@@ -258,10 +264,6 @@ def ldm_task(
 
     sample = None
     if sample_ids is not None:
-        from jaxdiff.diffusion import guidance as G
-        from jaxdiff.diffusion import samplers as SM
-        from jaxdiff.train.export import scheduler_config
-
         ddim = S.resolve(scheduler_config(cfg), "ddim")
         plan = SM.make_plan(ddim, sample_steps)
         prompts = jnp.asarray(sample_ids, jnp.int32)
@@ -381,9 +383,6 @@ def clip_task(cfg: CLIPConfigTrain, clip_config, mesh=None, rules=None, init_par
 
     With a mesh, the loss sees the global batch's negatives across the batch axes of ``rules``
     (``jaxdiff.train.contrastive``: gathered InfoNCE, or the sigmoid loss on a ring)."""
-    from jaxdiff import sharding as sh
-    from jaxdiff.models import clip as clip_lib
-    from jaxdiff.train import contrastive
 
     if cfg.loss not in contrastive.LOSSES:
         raise ValueError(f"clip.loss must be one of {contrastive.LOSSES}, got {cfg.loss!r}")
