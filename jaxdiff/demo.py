@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 
 from jaxdiff.eval.fidelity import score
 from jaxdiff.pipelines.generate import default_model, model_sampling_defaults, no_model_message
-from jaxdiff.pipelines.stable_diffusion import Pipeline, check_interval
+from jaxdiff.pipelines.params import SamplingError, SamplingParams, parse_interval
+from jaxdiff.pipelines.stable_diffusion import Pipeline
 from jaxdiff.runtime import tune_cpu
 
 GRID_PROMPTS = (
@@ -33,6 +34,7 @@ GRID_PROMPTS = (
     "a red star",
     "an orange circle",
 )  # the last two: held-out pairs
+GUIDANCE_KEYS = ("guidance", "guidance_rescale", "guidance_interval")
 
 
 def main(argv=None):
@@ -75,36 +77,29 @@ def grid(args):
     if not (model / "model_index.json").is_file():
         sys.exit(f"demo: {model} is not a diffusers model folder (no model_index.json)")
     prompts = list(args.prompt or GRID_PROMPTS)
-    own = model_sampling_defaults(model)
-    guidance = args.guidance if args.guidance is not None else own.get("guidance", 3.0)
-    interval = (
-        args.guidance_interval.split(",")
-        if args.guidance_interval
-        else own.get("guidance_interval")
-    )
+    # the demo's DDIM and steps, the model's guidance settings (its jaxdiff_sampling.json), then flags
+    own = {k: v for k, v in model_sampling_defaults(model).items() if k in GUIDANCE_KEYS}
     try:
-        interval = check_interval(interval)
-    except ValueError as e:
-        sys.exit(f"demo: --guidance-interval: {e}")
+        params = SamplingParams(
+            steps=args.steps, guidance=3.0, sampler="ddim", seed=args.seed, num_images=args.seeds
+        ).replace(**own)
+        if args.guidance is not None:
+            params = params.replace(guidance=args.guidance)
+        if args.guidance_interval:
+            params = params.replace(guidance_interval=parse_interval(args.guidance_interval))
+    except SamplingError as e:
+        sys.exit(f"demo: {e}")
+    interval = params.guidance_interval
     t0 = time.time()
     pipe = Pipeline.from_pretrained(model)
     print(
         f"model {model}: generating {len(prompts)} prompts x {args.seeds} seeds, DDIM {args.steps} steps, "
-        f"guidance {guidance:g}"
+        f"guidance {params.guidance:g}"
         + (f" for t / T in [{interval[0]:g}, {interval[1]:g}]" if interval else "")
         + " ...",
         flush=True,
     )
-    images = pipe.txt2img(
-        prompts,
-        num_images=args.seeds,
-        steps=args.steps,
-        guidance=guidance,
-        guidance_interval=interval,
-        sampler="ddim",
-        seed=args.seed,
-        progress=True,
-    )
+    images = pipe.txt2img(prompts, params=params, progress=True)
     images = np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8)
     cell, label_w = 128, 260
     sheet = Image.new(

@@ -362,8 +362,12 @@ def test_progress_bar_counts_steps(sd, monkeypatch):
 def test_bad_requests_fail_before_compiling(sd, tmp_path):
     _, _, pipe = sd
     n = PL.TRACES["generate"]
-    with pytest.raises(GenerationError, match="multiples of 2"):
+    with pytest.raises(GenerationError, match="height must be a positive multiple of 8"):
         pipe.txt2img("x", height=33, width=32)
+    with pytest.raises(GenerationError, match=r"clip_skip must be in \[0, "):
+        pipe.txt2img("x", clip_skip=99, height=SIZE, width=SIZE)
+    with pytest.raises(TypeError, match="unknown sampling setting"):
+        pipe.txt2img("x", step=3)
     with pytest.raises(ValueError, match="unknown sampler"):
         pipe.txt2img("x", sampler="k_lms", height=SIZE, width=SIZE)
     with pytest.raises(GenerationError, match="strength"):

@@ -27,7 +27,8 @@ from jaxdiff.data import shapes_world as sw
 from jaxdiff.data.shapes_world import KINDS
 from jaxdiff.eval import fidelity, frechet
 from jaxdiff.eval.fidelity import write_json
-from jaxdiff.pipelines.stable_diffusion import Pipeline, check_interval
+from jaxdiff.pipelines.params import SamplingError, SamplingParams, parse_interval
+from jaxdiff.pipelines.stable_diffusion import Pipeline
 from jaxdiff.runtime import tune_cpu
 
 GUIDANCE = (
@@ -41,24 +42,21 @@ GUIDANCE = (
 STRENGTHS = (0.3, 0.6, 0.9)
 
 
-def generate(
-    pipe, prompts, guidance, steps, sampler, seed=0, batch=125, image=None, strength=None, **guide
-):
-    """uint8 images for ``prompts`` (image i: seed + i), in fixed-size batches (one compile); ``guide``:
-    the pipeline's other guidance options (guidance_rescale, guidance_interval)."""
+def generate(pipe, prompts, guidance, steps, sampler, seed=0, batch=125, image=None, **settings):
+    """uint8 images for ``prompts`` (image i: seed + i), in fixed-size batches (one compile); ``settings``:
+    the other SamplingParams fields (guidance_rescale, guidance_interval, strength for ``image``)."""
+    params = SamplingParams(guidance=guidance, steps=steps, sampler=sampler, **settings)
     out = []
     for i in range(0, len(prompts), batch):
         chunk = list(prompts[i : i + batch])
         pad = batch - len(chunk)
-        kw = dict(steps=steps, guidance=guidance, sampler=sampler, seed=seed + i, **guide)
+        kw = dict(params=params, seed=seed + i)
         if image is None:
             imgs = pipe.txt2img(chunk + chunk[-1:] * pad, **kw)
         else:
             part = image[i : i + batch]
             part = np.concatenate([part, np.repeat(part[-1:], pad, 0)])
-            imgs = pipe.img2img(
-                part.astype(np.float32) / 255.0, chunk + chunk[-1:] * pad, strength=strength, **kw
-            )
+            imgs = pipe.img2img(part.astype(np.float32) / 255.0, chunk + chunk[-1:] * pad, **kw)
         out.append(np.clip(np.round(np.asarray(imgs)[: len(chunk)] * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out)
 
@@ -382,11 +380,13 @@ def main(argv=None):
         ap.error(f"--json: folder {Path(args.json).parent} does not exist")
 
     guide = {"guidance_rescale": args.guidance_rescale}
-    if args.guidance_interval:
-        try:
-            guide["guidance_interval"] = list(check_interval(args.guidance_interval.split(",")))
-        except ValueError as e:
-            ap.error(f"--guidance-interval LO,HI: {e}")
+    try:
+        if args.guidance_interval:
+            guide["guidance_interval"] = list(parse_interval(args.guidance_interval))
+        # checked before anything is loaded
+        SamplingParams(steps=args.steps, sampler=args.sampler, **guide)
+    except SamplingError as e:
+        ap.error(f"--{e.field.replace('_', '-')}: {e}")
     if args.quick:
         pipe = Pipeline.from_pretrained(args.model)
         rows = quick_check(

@@ -24,26 +24,11 @@ from PIL.PngImagePlugin import PngInfo
 
 from jaxdiff.convert.diffusers import ModelFolderError
 from jaxdiff.diffusion.schedules import SAMPLERS, ScheduleError, resolve
-from jaxdiff.pipelines.stable_diffusion import GenerationError, Pipeline, check_interval, seeds_for
+from jaxdiff.pipelines.params import FIELDS, SamplingError, SamplingParams, parse_interval
+from jaxdiff.pipelines.stable_diffusion import GenerationError, Pipeline, seeds_for
 
-KEYS = (
-    "mode",
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "steps",
-    "sampler",
-    "guidance",
-    "guidance_rescale",
-    "guidance_interval",
-    "eta",
-    "clip_skip",
-    "width",
-    "height",
-    "strength",
-    "model",
-    "source_image",
-)
+# A PNG's `jaxdiff` chunk: these, and the fields of the SamplingParams it was made with
+REQUEST_KEYS = ("mode", "prompt", "negative_prompt", "model", "source_image")
 
 
 def _parser(mode: str) -> argparse.ArgumentParser:
@@ -68,14 +53,14 @@ def _parser(mode: str) -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help="denoising steps (default* 50; a default marked * "
+        help=f"denoising steps (default* {SamplingParams.steps}; a default marked * "
         "comes from the model's jaxdiff_sampling.json when it has one)",
     )
     ap.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale w (default* 7.5; "
+        help=f"classifier-free guidance scale w (default* {SamplingParams.guidance:g}; "
         "1 = conditional only, 0 = unconditional only)",
     )
     ap.add_argument(
@@ -94,8 +79,7 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     ap.add_argument(
         "--sampler",
         default=None,
-        help="ddim, ddpm, euler, euler_a, heun, dpm++2m, dpm++2m_karras, "
-        "pndm, unipc (default*: the checkpoint's scheduler)",
+        help=f"{', '.join(SAMPLERS)} (default*: the checkpoint's scheduler)",
     )
     ap.add_argument("--eta", type=float, default=None, help="DDIM's eta (default* 0)")
     ap.add_argument(
@@ -130,19 +114,6 @@ def _parser(mode: str) -> argparse.ArgumentParser:
     return ap
 
 
-DEFAULTS = dict(
-    negative_prompt=None,
-    steps=50,
-    guidance=7.5,
-    guidance_rescale=0.0,
-    guidance_interval=None,
-    eta=0.0,
-    sampler=None,
-    clip_skip=None,
-    seed=0,
-    strength=0.8,
-    num_images=1,
-)
 # The model used without --model: the shapes-world Stable Diffusion trained by jaxdiff, shipped in the
 # repository (models/shapes_sd). A wheel holds no weights: $JAXDIFF_MODEL, then the checkout jaxdiff runs
 # from, then ./models/shapes_sd.
@@ -153,8 +124,11 @@ SHIPPED_MODEL = Path("models") / "shapes_sd"
 def default_model_candidates() -> list[Path]:
     """Where a model is looked for when none is given, in order."""
     env = os.environ.get(DEFAULT_MODEL_ENV)
-    checkout = Path(__file__).resolve().parents[2] / SHIPPED_MODEL
-    return ([Path(env)] if env else []) + [checkout, Path.cwd() / SHIPPED_MODEL]
+    root = (
+        Path(__file__).resolve().parents[2]
+    )  # a source checkout (an editable install), not site-packages
+    checkout = [root / SHIPPED_MODEL] if (root / "pyproject.toml").is_file() else []
+    return ([Path(env)] if env else []) + checkout + [Path.cwd() / SHIPPED_MODEL]
 
 
 def default_model() -> Path | None:
@@ -169,14 +143,13 @@ def no_model_message() -> str:
     )
 
 
-# A model folder may carry the sampling settings it was measured with (diffusers ignores the file); they replace
-# DEFAULTS for that model, and flags (or --from-png) replace them.
+# A model folder may carry the sampling settings it was measured with (diffusers ignores the file): any
+# SamplingParams fields; they replace the defaults for that model, and --from-png and flags replace them.
 SAMPLING_FILE = "jaxdiff_sampling.json"
-SAMPLING_KEYS = ("steps", "guidance", "guidance_rescale", "guidance_interval", "sampler", "eta")
 
 
 def model_sampling_defaults(folder) -> dict:
-    """The sampling settings a model folder recommends (its jaxdiff_sampling.json), {} if it has none."""
+    """The sampling settings a model folder recommends (its jaxdiff_sampling.json), checked; {} if none."""
     path = Path(folder) / SAMPLING_FILE
     if not path.is_file():
         return {}
@@ -184,21 +157,11 @@ def model_sampling_defaults(folder) -> dict:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"jaxdiff: cannot read {path}: {e}") from None
-    unknown = sorted(set(saved) - set(SAMPLING_KEYS)) if isinstance(saved, dict) else None
-    if unknown is None or unknown:
-        raise SystemExit(
-            f"jaxdiff: {path}: expected an object with keys among {', '.join(SAMPLING_KEYS)}"
-            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
-        )
-    for k, v in saved.items():
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if (k == "steps" and not (number and v == int(v))) or (
-            k in ("guidance", "guidance_rescale", "eta") and not number
-        ):
-            raise SystemExit(
-                f"jaxdiff: {path}: {k} must be a number{' (whole)' if k == 'steps' else ''}, got {v!r}"
-            )
-    return {k: int(v) if k == "steps" else v for k, v in saved.items()}
+    try:
+        params = SamplingParams.from_dict(saved)
+    except SamplingError as e:
+        raise SystemExit(f"jaxdiff: {path}: {e}") from None
+    return {k: getattr(params, k) for k in saved}
 
 
 def read_png_parameters(path) -> dict:
@@ -214,40 +177,55 @@ def read_png_parameters(path) -> dict:
     return json.loads(text["jaxdiff"])
 
 
-def _resolve(mode: str, args) -> dict:
-    """Flags, else the PNG's parameters, else defaults: one dict of everything the run uses."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    base = dict(DEFAULTS)
-    if args.from_png:
-        saved = read_png_parameters(args.from_png)
-        if saved.get("mode") != mode:
-            raise SystemExit(
-                f"jaxdiff {mode}: {args.from_png} was made by `jaxdiff {saved.get('mode')}`"
-            )
-        base.update({k: v for k, v in saved.items() if k in KEYS})
-        if "source_image" in saved and "image" not in given:
-            given["image"] = saved["source_image"]
-    base.update({k.replace("-", "_"): v for k, v in given.items()})
-    if not base.get("model") and default_model():
-        base["model"] = str(default_model())
-    if (
-        base.get("model") and Path(base["model"]).is_dir()
-    ):  # the model's own settings, under the flags
-        chosen = {k for k in given if k in SAMPLING_KEYS}
-        if args.from_png:
-            chosen |= {k for k in SAMPLING_KEYS if k in saved}
-        base.update(
-            {k: v for k, v in model_sampling_defaults(base["model"]).items() if k not in chosen}
-        )
-    return base
-
-
 def _fail(mode, msg):
     raise SystemExit(f"jaxdiff {mode}: {msg}")
 
 
+def _as_flag(e: SamplingError) -> str:
+    """A SamplingError about a flag's value, said of the flag: "--num-images must be at least 1"."""
+    if e.field is None:
+        return str(e)
+    flag, text = "--" + e.field.replace("_", "-"), str(e)
+    return flag + text[len(e.field) :] if text.startswith(e.field + " ") else f"{flag}: {text}"
+
+
+def _resolve(mode: str, args) -> dict:
+    """The run, one dict: the request (model, prompt, image, out ...) and under "params" one checked
+    SamplingParams: the defaults <- the model's jaxdiff_sampling.json <- --from-png <- flags."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    flags = {k: given.pop(k) for k in FIELDS if k in given}
+    request, png = {"negative_prompt": None}, {}
+    if args.from_png:
+        saved = read_png_parameters(args.from_png)
+        if saved.get("mode") != mode:
+            _fail(mode, f"{args.from_png} was made by `jaxdiff {saved.get('mode')}`")
+        request.update({k: saved[k] for k in ("prompt", "negative_prompt", "model") if k in saved})
+        if "source_image" in saved:
+            request["image"] = saved["source_image"]
+        png = {k: v for k, v in saved.items() if k not in REQUEST_KEYS}
+    request.update(given)
+    if not request.get("model") and default_model():
+        request["model"] = str(default_model())
+    own = {}
+    if request.get("model") and Path(request["model"]).is_dir():
+        own = model_sampling_defaults(request["model"])
+    params = SamplingParams().replace(**own)
+    try:
+        params = SamplingParams.from_dict(png, base=params)
+    except SamplingError as e:
+        _fail(mode, f"{args.from_png}: {e}")
+    try:
+        if "guidance_interval" in flags:
+            flags["guidance_interval"] = parse_interval(flags["guidance_interval"])
+        params = params.replace(**flags)
+    except SamplingError as e:
+        _fail(mode, _as_flag(e))
+    return dict(request, params=params)
+
+
 def _check(mode: str, p: dict) -> None:
-    """Everything that can be checked without loading weights."""
+    """Everything about the request that can be checked without loading weights (the sampling
+    settings were checked when they were made)."""
 
     if not p.get("model"):
         _fail(mode, no_model_message())
@@ -262,29 +240,6 @@ def _check(mode: str, p: dict) -> None:
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / c).is_dir()]
     if missing:
         _fail(mode, f"{folder}: incomplete model folder, missing {', '.join(missing)}")
-    if p["sampler"] is not None and p["sampler"] not in SAMPLERS:
-        _fail(mode, f"unknown sampler {p['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
-    for key in ("height", "width"):
-        if p.get(key) is not None and (p[key] <= 0 or p[key] % 8):
-            _fail(mode, f"--{key} must be a positive multiple of 8, got {p[key]}")
-    if p["steps"] < 1:
-        _fail(mode, f"--steps must be at least 1, got {p['steps']}")
-    gi = p["guidance_interval"]
-    if gi is not None:  # "LO,HI" from the flag, [lo, hi] from a PNG
-        parts = gi.split(",") if isinstance(gi, str) else gi
-        try:
-            p["guidance_interval"] = list(check_interval(parts))
-        except ValueError as e:
-            _fail(
-                mode,
-                f"--guidance-interval: {e}"
-                if len(parts) == 2
-                else f"--guidance-interval must be LO,HI (two numbers), got {gi!r}",
-            )
-    if p["num_images"] < 1:
-        _fail(mode, f"--num-images must be at least 1, got {p['num_images']}")
-    if mode == "img2img" and not 0.0 <= p["strength"] <= 1.0:
-        _fail(mode, f"--strength must be in [0, 1], got {p['strength']}")
 
 
 def _load_image(mode: str, path, height, width) -> np.ndarray:
@@ -329,10 +284,9 @@ def run(mode: str, argv=None) -> list[Path]:
     args = _parser(mode).parse_args(argv)
     p = _resolve(mode, args)
     _check(mode, p)
+    params: SamplingParams = p["params"]
     image = (
-        _load_image(mode, p["image"], p.get("height"), p.get("width"))
-        if mode == "img2img"
-        else None
+        _load_image(mode, p["image"], params.height, params.width) if mode == "img2img" else None
     )
     out = Path(p["out"])
     try:
@@ -345,57 +299,33 @@ def run(mode: str, argv=None) -> list[Path]:
         pipe = Pipeline.from_pretrained(
             p["model"], dtype=jnp.bfloat16 if p["dtype"] == "bfloat16" else jnp.float32
         )
-        common = dict(
-            num_images=p["num_images"],
-            steps=p["steps"],
-            guidance=p["guidance"],
-            sampler=p["sampler"],
-            seed=p["seed"],
-            eta=p["eta"],
-            guidance_rescale=p["guidance_rescale"],
-            guidance_interval=p["guidance_interval"],
-            clip_skip=p["clip_skip"],
-            progress=not p["no_progress"],
-        )
+        kw = dict(params=params, progress=not p["no_progress"])
         if mode == "txt2img":
-            images = pipe.txt2img(
-                p["prompt"],
-                p["negative_prompt"],
-                height=p.get("height"),
-                width=p.get("width"),
-                **common,
-            )
+            images = pipe.txt2img(p["prompt"], p["negative_prompt"], **kw)
         else:
-            images = pipe.img2img(
-                image, p["prompt"], p["negative_prompt"], strength=p["strength"], **common
-            )
+            images = pipe.img2img(image, p["prompt"], p["negative_prompt"], **kw)
     except (GenerationError, ScheduleError, ModelFolderError, ValueError) as e:
         _fail(mode, str(e))
 
-    sampler = resolve(pipe.model.scheduler_config, p["sampler"]).sampler
+    # each PNG regenerates alone: its own seed, one image, the sampler and size actually used
+    sampler = resolve(pipe.model.scheduler_config, params.sampler).sampler
     h, w = images.shape[1:3]
     first, paths = _next_index(out), []
-    for i, (img, seed) in enumerate(zip(images, seeds_for(p["seed"], len(images)))):
-        params = dict(
+    for i, (img, seed) in enumerate(zip(images, seeds_for(params.seed, len(images)))):
+        own = params.replace(seed=seed, num_images=1, sampler=sampler, height=h, width=w).to_dict()
+        if mode == "txt2img":
+            del own["strength"]
+        meta = dict(
             mode=mode,
             prompt=p["prompt"],
             negative_prompt=p["negative_prompt"],
-            seed=seed,
-            steps=p["steps"],
-            sampler=sampler,
-            guidance=p["guidance"],
-            guidance_rescale=p["guidance_rescale"],
-            guidance_interval=p["guidance_interval"],
-            eta=p["eta"],
-            clip_skip=p["clip_skip"],
-            width=w,
-            height=h,
+            **own,
             model=str(Path(p["model"]).resolve()),
         )
         if mode == "img2img":
-            params.update(strength=p["strength"], source_image=str(Path(p["image"]).resolve()))
+            meta["source_image"] = str(Path(p["image"]).resolve())
         path = out / f"{first + i:05d}-{seed}.png"
-        save_png(path, img, params)
+        save_png(path, img, meta)
         paths.append(path)
     print(
         f"wrote {len(paths)} image(s) to {out} ({time.perf_counter() - t0:.1f} s, compile included)"

@@ -8,6 +8,11 @@ their size, trimmed after) and params are replicated or FSDP-sharded.
 
     pipe = Pipeline.from_pretrained("path/to/diffusers-folder")
     images = pipe.txt2img("a red circle", steps=20, guidance=7.5, seed=0)   # [N, H, W, 3] in [0, 1]
+    images = pipe.txt2img("a red circle", params=SamplingParams(steps=20), seed=1)
+
+That program's body is :func:`sample_images`, a pure function of module configs, weights, token ids,
+keys and a :class:`SamplingPlan` (a ``SamplingParams`` resolved for one model): the training loop's
+sample grid calls it inside its own jitted step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -35,6 +41,7 @@ from jaxdiff.diffusion import schedules as S
 from jaxdiff.models.text import TextTransformer
 from jaxdiff.models.unet import UNet
 from jaxdiff.models.vae import AutoencoderKL, scale_latents, unscale_latents
+from jaxdiff.pipelines.params import GenerationError, SamplingParams
 
 TRACES: collections.Counter = (
     collections.Counter()
@@ -42,29 +49,85 @@ TRACES: collections.Counter = (
 _PROGRESS: dict[str, Any] = {"bar": None}
 
 
-class GenerationError(ValueError):
-    """A request that cannot run (bad size, strength, prompt count, latents shape ...), raised before
-    anything is compiled."""
-
-
 @dataclasses.dataclass(frozen=True)
-class _Program:
-    """Everything static about one compiled generation program."""
+class Modules:
+    """The three networks a sampling run builds: configs and compute dtype (hashable: keys programs)."""
 
     unet: Any
     vae: Any
     text: Any
-    dtype: Any
-    schedule: S.Schedule
-    mode: str  # "cfg" | "cond" | "uncond"
-    rescale: bool  # guidance rescale on
-    interval: bool  # guidance only inside a timestep interval
-    stochastic: bool
-    img2img: bool
-    output: str  # "image" | "latent"
-    clip_skip: int | None
-    progress: bool
-    latent_shape: tuple  # (h, w, C) of one image's latents
+    dtype: Any = jnp.float32
+
+
+@struct.dataclass
+class SamplingPlan:
+    """A ``SamplingParams`` resolved for one model and scheduler config. The static fields pick the
+    compiled program; ``scalars`` and ``arrays`` are traced, so a new guidance weight, interval or
+    seed reuses it."""
+
+    schedule: S.Schedule = struct.field(pytree_node=False)
+    mode: str = struct.field(pytree_node=False)  # "cfg" | "cond" | "uncond"
+    rescale: bool = struct.field(pytree_node=False)  # guidance rescale on
+    interval: bool = struct.field(pytree_node=False)  # guidance only inside a timestep interval
+    stochastic: bool = struct.field(pytree_node=False)
+    img2img: bool = struct.field(pytree_node=False)
+    clip_skip: int | None = struct.field(pytree_node=False)
+    latent_shape: tuple = struct.field(pytree_node=False)  # (h, w, C) of one image's latents
+    num_steps: int = struct.field(pytree_node=False)  # denoising steps actually run
+    scalars: dict  # name -> float32 scalar
+    arrays: dict  # the sampler's per-call tables (SM.Plan.arrays), scanned over
+
+    @property
+    def num_calls(self) -> int:
+        return int(self.arrays["t"].shape[0])
+
+
+def make_sampling_plan(
+    params: SamplingParams, modules: Modules, scheduler_config: dict, *, img2img: bool = False
+) -> SamplingPlan:
+    """``params`` for these networks and scheduler: what depends on the model is checked here (size
+    against the VAE's factor, clip_skip against the text encoder's depth, steps against the schedule),
+    and the sampler's tables are computed host-side, once."""
+    f = modules.vae.downscale
+    default = modules.unet.sample_size * f
+    height, width = params.height or default, params.width or default
+    if height % f or width % f:
+        raise GenerationError(
+            f"height and width must be positive multiples of {f} (the VAE's factor), "
+            f"got {height}x{width}"
+        )
+    layers = modules.text.num_hidden_layers
+    if params.clip_skip is not None and params.clip_skip >= layers:
+        raise GenerationError(f"clip_skip must be in [0, {layers}), got {params.clip_skip}")
+    schedule = S.resolve(scheduler_config, params.sampler)
+    plan = SM.make_plan(
+        schedule, params.steps, strength=params.strength if img2img else None, eta=params.eta
+    )
+    mode = G.mode_for(params.guidance)
+    lo, hi = params.guidance_interval or (0.0, 1.0)
+    T = schedule.num_train_timesteps
+    scalars = dict(
+        w=params.guidance,
+        rescale=params.guidance_rescale,
+        init_sigma=plan.init_noise_sigma,
+        noise_a=plan.noise_a,
+        noise_s=plan.noise_s,
+        t_lo=lo * T,
+        t_hi=hi * T,
+    )
+    return SamplingPlan(
+        schedule=schedule,
+        mode=mode,
+        rescale=params.guidance_rescale != 0,
+        interval=params.guidance_interval is not None and mode == "cfg",
+        stochastic=plan.stochastic,
+        img2img=img2img,
+        clip_skip=params.clip_skip,
+        latent_shape=(height // f, width // f, modules.unet.in_channels),
+        num_steps=plan.num_steps,
+        scalars={k: np.float32(v) for k, v in scalars.items()},
+        arrays=plan.arrays,
+    )
 
 
 def _tick(k):
@@ -73,89 +136,123 @@ def _tick(k):
         bar.update(1)
 
 
-@functools.lru_cache(maxsize=16)
-def _program(st: _Program):
-    kw = dict(dtype=st.dtype, param_dtype=st.dtype)
-    unet, vae, text = (
-        UNet(st.unet, **kw),
-        AutoencoderKL(st.vae, **kw),
-        TextTransformer(st.text, **kw),
-    )
+def sample_images(
+    modules: Modules,
+    plan: SamplingPlan,
+    params: dict,
+    ids_c,
+    ids_u,
+    keys,
+    *,
+    latents=None,
+    image=None,
+    encode_noise=None,
+    noise=None,
+    output: str = "image",
+    progress: bool = False,
+):
+    """One whole sampling run; pure and traceable (call it inside jit).
 
-    def encode_text(p, ids):
-        out = text.apply({"params": p}, ids)
-        if st.clip_skip:
+    ``params`` = {"unet", "vae", "text_encoder"}; ``ids_c`` / ``ids_u`` [N, 77] the prompts' and the
+    negative prompts' tokens; ``keys`` [N] one PRNG key per image (its start noise unless ``latents``
+    [N, h, w, C] is given, and any step noise). img2img: ``image`` [N, H, W, 3] in [-1, 1] is encoded
+    and noised to the plan's first step (``encode_noise`` / ``noise`` [N, h, w, C] replace the draws).
+    Returns images [N, H, W, 3] in [0, 1], or the final latents [N, h, w, C] with output="latent".
+    """
+    kw = dict(dtype=modules.dtype, param_dtype=modules.dtype)
+    unet, vae, text = (
+        UNet(modules.unet, **kw),
+        AutoencoderKL(modules.vae, **kw),
+        TextTransformer(modules.text, **kw),
+    )
+    sc = plan.scalars
+
+    def encode_text(ids):
+        v = {"params": params["text_encoder"]}
+        out = text.apply(v, ids)
+        if plan.clip_skip:
             return text.apply(
-                {"params": p}, out["hidden_states"], st.clip_skip, method=TextTransformer.clip_skip
+                v, out["hidden_states"], plan.clip_skip, method=TextTransformer.clip_skip
             )
         return out["last_hidden_state"]
 
-    def run(params, ids_c, ids_u, seeds, start, scalars, arrays, enc_noise, noise):
+    def draw(i, shape):  # image n's i-th draw: fold_in(key_n, i), so it never depends on the batch
+        return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape))(keys)
+
+    ctx_c = encode_text(ids_c) if plan.mode != "uncond" else None
+    ctx_u = encode_text(ids_u) if plan.mode != "cond" else None
+    if plan.img2img:  # SDEdit: encode, noise to the start step
+        post = vae.apply({"params": params["vae"]}, image, method=AutoencoderKL.encode)
+        shape = post.mean.shape[1:]
+        eps_enc = draw(2, shape) if encode_noise is None else encode_noise
+        z0 = scale_latents(post.mean + post.std * eps_enc, modules.vae)
+        eps = draw(3, shape) if noise is None else noise
+        x = sc["noise_a"] * z0 + sc["noise_s"] * eps
+    else:  # txt2img: given or seeded noise
+        if latents is None:
+            latents = jax.vmap(lambda k: jax.random.normal(k, plan.latent_shape))(keys)
+        x = latents * sc["init_sigma"]
+
+    def model(x, t, ctx):
+        return unet.apply({"params": params["unet"]}, x, t, ctx).astype(jnp.float32)
+
+    denoise = G.classifier_free(
+        model,
+        ctx_c,
+        ctx_u,
+        sc["w"],
+        rescale=sc["rescale"] if plan.rescale else 0.0,
+        mode=plan.mode,
+        interval=(sc["t_lo"], sc["t_hi"]) if plan.interval else None,
+    )
+    x = SM.sample(
+        denoise,
+        plan.schedule,
+        plan.arrays,
+        x.astype(jnp.float32),
+        stochastic=plan.stochastic,
+        keys=jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys),
+        callback=_tick if progress else None,
+    )
+    if output == "latent":
+        return x
+    # unscale_latents undoes both the scaling and the shift factor (a VAE with shift_factor needs both)
+    img = vae.apply(
+        {"params": params["vae"]}, unscale_latents(x, modules.vae), method=AutoencoderKL.decode
+    )
+    return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """What, besides the plan's static fields and the shapes, picks a compiled generation program."""
+
+    modules: Modules
+    output: str  # "image" | "latent"
+    progress: bool
+
+
+@functools.lru_cache(maxsize=16)
+def _program(st: _Program):
+    def run(params, plan, ids_c, ids_u, seeds, latents, image, encode_noise, noise):
         TRACES["generate"] += 1
         keys = jax.vmap(jax.random.key)(seeds)  # one key per image: batch-independent
-        draw = lambda i, shape: jax.vmap(
-            lambda k: jax.random.normal(jax.random.fold_in(k, i), shape)
-        )(keys)  # noqa: E731
-        ctx_c = encode_text(params["text_encoder"], ids_c) if st.mode != "uncond" else None
-        ctx_u = encode_text(params["text_encoder"], ids_u) if st.mode != "cond" else None
-        if st.img2img:  # SDEdit: encode, noise to the start step
-            post = vae.apply({"params": params["vae"]}, start, method=AutoencoderKL.encode)
-            shape = post.mean.shape[1:]
-            eps_enc = draw(2, shape) if enc_noise is None else enc_noise
-            z0 = scale_latents(post.mean + post.std * eps_enc, st.vae)
-            eps = draw(3, shape) if noise is None else noise
-            x = scalars["noise_a"] * z0 + scalars["noise_s"] * eps
-        else:  # txt2img: given or seeded noise
-            if start is None:
-                start = jax.vmap(lambda k: jax.random.normal(k, st.latent_shape))(keys)
-            x = start * scalars["init_sigma"]
-
-        def model(x, t, ctx):
-            return unet.apply({"params": params["unet"]}, x, t, ctx).astype(jnp.float32)
-
-        denoise = G.classifier_free(
-            model,
-            ctx_c,
-            ctx_u,
-            scalars["w"],
-            rescale=scalars["rescale"] if st.rescale else 0.0,
-            mode=st.mode,
-            interval=(scalars["t_lo"], scalars["t_hi"]) if st.interval else None,
+        return sample_images(
+            st.modules,
+            plan,
+            params,
+            ids_c,
+            ids_u,
+            keys,
+            latents=latents,
+            image=image,
+            encode_noise=encode_noise,
+            noise=noise,
+            output=st.output,
+            progress=st.progress,
         )
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-        x = SM.sample(
-            denoise,
-            st.schedule,
-            arrays,
-            x.astype(jnp.float32),
-            stochastic=st.stochastic,
-            keys=step_keys,
-            callback=_tick if st.progress else None,
-        )
-        if st.output == "latent":
-            return x
-        img = vae.apply(
-            {"params": params["vae"]}, unscale_latents(x, st.vae), method=AutoencoderKL.decode
-        )
-        return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
     return jax.jit(run)
-
-
-def check_interval(interval, error=ValueError):
-    """A guidance interval as (lo, hi) floats with 0 <= lo <= hi <= 1, or None; ``error`` names the problem."""
-    if interval is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise error(f"guidance_interval must be two numbers (lo, hi), got {interval!r}") from None
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise error(
-            f"guidance_interval must have 0 <= lo <= hi <= 1 (fractions of the schedule's timesteps), "
-            f"got ({lo:g}, {hi:g})"
-        )
-    return lo, hi
 
 
 def _as_list(x, name) -> list[str]:
@@ -226,6 +323,12 @@ class Pipeline:
                 )
         return cls(model, params, mesh)
 
+    @property
+    def modules(self) -> Modules:
+        m = self.model
+        dtype = jax.tree.leaves(self.params["unet"])[0].dtype
+        return Modules(m.unet_config, m.vae_config, m.text_config, dtype)
+
     # ------------------------------------------------------------------ public API
 
     def txt2img(
@@ -233,50 +336,23 @@ class Pipeline:
         prompt,
         negative_prompt=None,
         *,
-        num_images: int = 1,
-        steps: int = 50,
-        guidance: float = 7.5,
-        sampler: str | None = None,
-        seed: int = 0,
-        height: int | None = None,
-        width: int | None = None,
-        eta: float = 0.0,
-        guidance_rescale: float = 0.0,
-        guidance_interval=None,
-        clip_skip: int | None = None,
+        params: SamplingParams | None = None,
         latents=None,
         output: str = "image",
         progress: bool = False,
+        **settings,
     ):
         """Images [N, H, W, 3] float32 in [0, 1] (or final latents [N, C, h, w] with output="latent").
 
-        ``guidance_interval`` = (lo, hi), fractions of the training schedule's timesteps: guidance w acts
-        only on the steps whose timestep t has lo <= t / T <= hi; the others run the conditional model
-        alone (Kynkaanniemi et al. 2024). None (default): every step.
+        ``params`` (default ``SamplingParams()``) with ``settings`` replacing its fields:
+        ``txt2img("a cat", steps=20, guidance=7.5, sampler="euler", seed=0)``.
 
         ``latents``: initial noise in diffusers' layout [N, C, h, w] (before init_noise_sigma), for
         comparisons with diffusers; otherwise image i's noise comes from seed + i, so any image can
         be regenerated alone from its own seed.
         """
-        height, width = self._size(height, width)
-        return self._generate(
-            prompt,
-            negative_prompt,
-            num_images,
-            steps,
-            guidance,
-            sampler,
-            seed,
-            height,
-            width,
-            eta,
-            guidance_rescale,
-            guidance_interval,
-            clip_skip,
-            output,
-            progress,
-            latents=latents,
-        )
+        sp = (params or SamplingParams()).replace(**settings)
+        return self._generate(prompt, negative_prompt, sp, output, progress, latents=latents)
 
     def img2img(
         self,
@@ -284,26 +360,18 @@ class Pipeline:
         prompt,
         negative_prompt=None,
         *,
-        strength: float = 0.8,
-        num_images: int = 1,
-        steps: int = 50,
-        guidance: float = 7.5,
-        sampler: str | None = None,
-        seed: int = 0,
-        eta: float = 0.0,
-        guidance_rescale: float = 0.0,
-        guidance_interval=None,
-        clip_skip: int | None = None,
+        params: SamplingParams | None = None,
         noise=None,
         encode_noise=None,
         output: str = "image",
         progress: bool = False,
+        **settings,
     ):
         """SDEdit (Meng et al. 2022): encode ``image`` [N, H, W, 3] (or [H, W, 3]) in [0, 1], noise it
-        to ``strength`` of the schedule, denoise from there. ``noise`` / ``encode_noise`` [N, C, h, w]
-        replace the seeded draws (the renoising noise and the VAE posterior sample)."""
-        if not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-            raise GenerationError(f"strength must be in [0, 1], got {strength}")
+        to ``strength`` of the schedule, denoise from there. ``params`` / ``settings`` as for txt2img
+        (height and width are the image's). ``noise`` / ``encode_noise`` [N, C, h, w] replace the
+        seeded draws (the renoising noise and the VAE posterior sample)."""
+        sp = (params or SamplingParams()).replace(**settings)
         img = np.asarray(image, np.float32)
         if img.ndim == 3:
             img = img[None]
@@ -315,62 +383,36 @@ class Pipeline:
             raise GenerationError(
                 f"image values must be in [0, 1], got [{img.min():.3g}, {img.max():.3g}]"
             )
-        height, width = self._size(img.shape[1], img.shape[2])
+        h, w = img.shape[1:3]
+        if (sp.height or h, sp.width or w) != (h, w):
+            raise GenerationError(
+                f"height x width {sp.height}x{sp.width} differ from the image's {h}x{w}: resize the "
+                "image, or leave height and width unset"
+            )
+        sp = sp.replace(height=h, width=w)
         return self._generate(
             prompt,
             negative_prompt,
-            num_images,
-            steps,
-            guidance,
-            sampler,
-            seed,
-            height,
-            width,
-            eta,
-            guidance_rescale,
-            guidance_interval,
-            clip_skip,
+            sp,
             output,
             progress,
             image=img,
-            strength=float(strength),
             noise=noise,
             encode_noise=encode_noise,
         )
 
     # ------------------------------------------------------------------ internals
 
-    def _size(self, height, width):
-        f = self.model.vae_config.downscale
-        default = self.model.unet_config.sample_size * f
-        height, width = height or default, width or default
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise GenerationError(
-                f"height and width must be positive multiples of {f}, got {height}x{width}"
-            )
-        return int(height), int(width)
-
     def _generate(
         self,
         prompt,
         negative_prompt,
-        num_images,
-        steps,
-        guidance,
-        sampler,
-        seed,
-        height,
-        width,
-        eta,
-        guidance_rescale,
-        guidance_interval,
-        clip_skip,
+        sp: SamplingParams,
         output,
         progress,
         *,
         latents=None,
         image=None,
-        strength=None,
         noise=None,
         encode_noise=None,
     ):
@@ -380,93 +422,57 @@ class Pipeline:
             negs = negs * len(prompts)
         if len(negs) != len(prompts):
             raise GenerationError(f"{len(prompts)} prompts but {len(negs)} negative prompts")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise GenerationError(f"num_images must be a positive integer, got {num_images}")
-        if not isinstance(steps, int) or steps < 1:
-            raise GenerationError(f"steps must be a positive integer, got {steps}")
         if output not in ("image", "latent"):
             raise GenerationError(f"output must be 'image' or 'latent', got {output!r}")
-        if not math.isfinite(guidance):
-            raise GenerationError(f"guidance must be finite, got {guidance}")
-        interval = check_interval(guidance_interval, GenerationError)
-        if clip_skip is not None and not 0 <= clip_skip < self.model.text_config.num_hidden_layers:
-            raise GenerationError(
-                f"clip_skip must be in [0, {self.model.text_config.num_hidden_layers}), got {clip_skip}"
-            )
-        schedule = S.resolve(self.model.scheduler_config, sampler)
-        plan = SM.make_plan(schedule, steps, strength=strength, eta=eta)
+        modules = self.modules
+        plan = make_sampling_plan(
+            sp, modules, self.model.scheduler_config, img2img=image is not None
+        )
 
         tok = self.model.tokenizer
-        prompts = [p for p in prompts for _ in range(num_images)]
-        negs = [n for n in negs for _ in range(num_images)]
+        prompts = [p for p in prompts for _ in range(sp.num_images)]
+        negs = [n for n in negs for _ in range(sp.num_images)]
         n = len(prompts)
-        f, c = self.model.vae_config.downscale, self.model.unet_config.in_channels
-        lat_nchw = (n, c, height // f, width // f)
-        start = self._batch_array(latents, lat_nchw, "latents") if image is None else None
+        h, w, c = plan.latent_shape
+        lat_nchw = (n, c, h, w)
+        latents = self._batch_array(latents, lat_nchw, "latents") if image is None else None
         if image is not None:
             if image.shape[0] not in (1, n):
                 raise GenerationError(f"{image.shape[0]} images for {n} prompts x images")
-            start = np.broadcast_to(image, (n,) + image.shape[1:]) * 2.0 - 1.0
+            image = np.broadcast_to(image, (n,) + image.shape[1:]) * 2.0 - 1.0
         noise = self._batch_array(noise, lat_nchw, "noise")
         encode_noise = self._batch_array(encode_noise, lat_nchw, "encode_noise")
         seeds = (
-            (np.int64(seed) + np.arange(n)).astype(np.uint32).astype(np.int32)
+            (np.int64(sp.seed) + np.arange(n)).astype(np.uint32).astype(np.int32)
         )  # seed + i, wrapped to 32 bits
 
-        st = _Program(
-            self.model.unet_config,
-            self.model.vae_config,
-            self.model.text_config,
-            jax.tree.leaves(self.params["unet"])[0].dtype,
-            schedule,
-            G.mode_for(guidance),
-            guidance_rescale != 0,
-            interval is not None and G.mode_for(guidance) == "cfg",
-            plan.stochastic,
-            image is not None,
-            output,
-            clip_skip,
-            progress,
-            (height // f, width // f, c),
-        )
-        lo, hi = (0.0, 1.0) if interval is None else interval
-        T = schedule.num_train_timesteps
-        scalars = {
-            k: np.float32(v)
-            for k, v in dict(
-                w=guidance,
-                rescale=guidance_rescale,
-                init_sigma=plan.init_noise_sigma,
-                noise_a=plan.noise_a,
-                noise_s=plan.noise_s,
-                t_lo=lo * T,
-                t_hi=hi * T,
-            ).items()
-        }
         batch = dict(
             ids_c=tok(prompts),
             ids_u=tok(negs),
             seeds=seeds,
-            start=None if start is None else np.asarray(start, np.float32),
-            enc_noise=encode_noise,
+            latents=latents,
+            image=None if image is None else np.asarray(image, np.float32),
+            encode_noise=encode_noise,
             noise=noise,
         )
         batch = self._shard_batch(batch)
-        fn = _program(st)
+        fn = _program(_Program(modules, output, progress))
         if progress:
             _PROGRESS["bar"] = tqdm(
-                total=plan.num_calls, desc=f"{schedule.sampler} x{plan.num_steps}", unit="step"
+                total=plan.num_calls,
+                desc=f"{plan.schedule.sampler} x{plan.num_steps}",
+                unit="step",
             )
         try:
             out = fn(
                 self.params,
+                plan,
                 batch["ids_c"],
                 batch["ids_u"],
                 batch["seeds"],
-                batch["start"],
-                scalars,
-                plan.arrays,
-                batch["enc_noise"],
+                batch["latents"],
+                batch["image"],
+                batch["encode_noise"],
                 batch["noise"],
             )
             out = np.asarray(jax.device_get(out))[:n]
