@@ -62,9 +62,33 @@ def ldm(**overrides) -> dict:
             compute_dtype="float32",
             remat=False,
             train_text_encoder=False,
+            timestep_bias_portion=0.0,
+            timestep_bias_begin=0,
+            text_token_loss=0.0,
         ),
         **overrides,
     )
+
+
+def data(source, global_batch, seed, shapes=None, **overrides) -> dict:
+    """A training data section. `shapes` (for `shapes_world_memory:N` sources): `kinds` (fractions of
+    scene kinds, the rest shared equally), `canonical` (relation scenes in their canonical layout),
+    `shared` (that fraction of relation scenes pairs objects that share a colour or a shape)."""
+    shapes = dict(dict(kinds={}, canonical=False, shared=0.0), **(shapes or {}))
+    return dict(source=source, global_batch=global_batch, seed=seed, shapes=shapes, **overrides)
+
+
+def parse_stage(arg, stages, path):
+    """`STAGE[,smoke]` (or `smoke`: the first stage's) -> (stage, smoke); an unknown stage names them."""
+    parts = [p for p in (arg or "").split(",") if p]
+    smoke = "smoke" in parts
+    rest = [p for p in parts if p != "smoke"]
+    stage = rest[0] if rest else next(iter(stages))
+    if len(rest) > 1 or stage not in stages:
+        raise ValueError(
+            f"{path}: unknown argument {arg!r} (known: {', '.join(stages)}, each optionally with ',smoke')"
+        )
+    return stage, smoke
 
 
 def apply_arg(c, arg, path, known=()):
@@ -72,6 +96,8 @@ def apply_arg(c, arg, path, known=()):
     the variants the calling config handled itself)."""
     if arg == "smoke":
         c.data.source, c.data.global_batch = "synthetic:256", 8
+        if "shapes" in c.data:  # the options of rendered shapes-world sources
+            c.data.shapes = dict(kinds={}, canonical=False, shared=0.0)
         if "preset" in c.model:  # the smallest model at the smallest size
             c.model.preset, c.data.resolution = "tiny", 32
         c.optim.total_steps = c.loop.steps = 20

@@ -237,7 +237,7 @@ def clip_run(tmp_path_factory):
     cli.main(
         [
             "--config",
-            "configs/clip_shapes.py:smoke",
+            "configs/shapes_sd/clip.py:smoke",
             "--workdir",
             str(work),
             "--config.loop.steps=3",
@@ -261,7 +261,7 @@ def test_clip_smoke_run_refuses_a_bad_tokenizer_and_size(tmp_path):
         cli.main(
             [
                 "--config",
-                "configs/clip_shapes.py:smoke",
+                "configs/shapes_sd/clip.py:smoke",
                 "--workdir",
                 str(tmp_path),
                 "--config.model.preset=tiny",
@@ -273,7 +273,7 @@ def test_clip_smoke_run_refuses_a_bad_tokenizer_and_size(tmp_path):
         cli.main(
             [
                 "--config",
-                "configs/clip_shapes.py:smoke",
+                "configs/shapes_sd/clip.py:smoke",
                 "--workdir",
                 str(tmp_path),
                 "--config.model.preset=shapes",

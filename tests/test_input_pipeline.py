@@ -285,7 +285,7 @@ def test_shapes_world_memory_source():
     assert len({c["caption"] for c in src}) > 1
     with pytest.raises(
         ValueError,
-        match=r"shapes_world_memory:N\[:KIND=FRACTION,...\]\[,renders=K\]\[,canonical=1\]\[,shared=F\] with N a",
+        match=r"shapes_world_memory:N with N a number",
     ):
         pl.open_source("shapes_world_memory:lots")
     with pytest.raises(ValueError, match="resolution one of"):
@@ -311,7 +311,10 @@ def test_shapes_world_memory_kind_mix():
         "background": 1,
     }
     src = pl.open_source(
-        "shapes_world_memory:8:relation=0.5,count=0.5", resolution=32, split="validation"
+        "shapes_world_memory:8",
+        resolution=32,
+        split="validation",
+        kinds={"relation": 0.5, "count": 0.5},
     )
     kinds = [sw.parse_caption(c["caption"]).kind for c in src]
     assert sorted(kinds) == ["count"] * 4 + ["relation"] * 4
@@ -322,11 +325,11 @@ def test_shapes_world_memory_kind_mix():
         assert rec["caption"] == want["caption"]
         np.testing.assert_array_equal(rec["image"], want["image"])
     with pytest.raises(ValueError, match="unknown scene kind"):
-        pl.open_source("shapes_world_memory:8:relations=0.5")
+        pl.open_source("shapes_world_memory:8", kinds={"relations": 0.5})
     with pytest.raises(ValueError, match="add up to at most 1"):
-        pl.open_source("shapes_world_memory:8:relation=0.7,count=0.6")
-    with pytest.raises(ValueError, match="KIND=FRACTION"):
-        pl.open_source("shapes_world_memory:8:relation")
+        pl.open_source("shapes_world_memory:8", kinds={"relation": 0.7, "count": 0.6})
+    with pytest.raises(ValueError, match="data.shapes.kinds"):  # no longer part of the string
+        pl.open_source("shapes_world_memory:8:relation=0.5")
 
 
 def array_source(n=40, res=8):
@@ -370,93 +373,27 @@ def test_array_source_batches_are_gathers_of_each_epoch(tok):
     assert not halves[0] & halves[1] and halves[0] | halves[1] == set(src.captions)
 
 
-def test_grouped_array_source_keeps_each_group_whole(tok):
-    # 12 groups of 4 records (renders of one caption): a batch of 8 is two whole groups in record order,
-    # the groups shuffled anew each epoch; hosts read disjoint groups; resuming is exact
-    n, g = 48, 4
-    src = pl.ArraySource(
-        np.random.default_rng(0).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
-        [f"caption {i}" for i in range(n)],
-        group=g,
-    )
-    index = lambda b: [int(c.split()[1]) for c in b["caption"]]  # noqa: E731
-    batches = list(pl.make_pipeline(src, config(global_batch=8, num_epochs=2), tok).dataset)
-    assert len(batches) == 12
-    for b in batches:
-        idx = index(b)
-        for lo in (0, 4):
-            assert idx[lo] % g == 0 and idx[lo : lo + 4] == list(range(idx[lo], idx[lo] + 4))
-        np.testing.assert_array_equal(b["image"], src.images[idx].astype(np.float32) / 127.5 - 1)
-    order = [index(b)[lo] // g for b in batches for lo in (0, 4)]
-    assert sorted(order[:12]) == sorted(order[12:]) == list(range(12))
-    assert order[:12] != list(range(12)) and order[:12] != order[12:]
-    halves = [
-        {
-            i // g
-            for b in pl.make_pipeline(
-                src, config(global_batch=8, num_epochs=1, shard_index=h, shard_count=2), tok
-            ).dataset
-            for i in index(b)
-        }
-        for h in (0, 1)
-    ]
-    assert not halves[0] & halves[1] and halves[0] | halves[1] == set(range(12))
-    it = iter(pl.make_pipeline(src, config(global_batch=8), tok).dataset)
-    take(it, 4)
-    blob = pl.state_to_bytes(it)
-    a = captions(take(it, 5))  # crosses the epoch boundary
-    it2 = iter(pl.make_pipeline(src, config(global_batch=8), tok).dataset)
-    pl.restore_state(it2, blob)
-    assert captions(take(it2, 5)) == a
-    with pytest.raises(ValueError, match="different pipeline"):  # the same records, ungrouped
-        pl.restore_state(
-            iter(pl.make_pipeline(array_source(48), config(global_batch=8), tok).dataset), blob
-        )
-    with pytest.raises(ValueError, match=r"batch \(6\) must hold whole groups of 4"):
-        pl.make_pipeline(src, config(global_batch=6), tok)
-    with pytest.raises(ValueError, match="needs the in-memory array path"):
-        pl.make_pipeline(src, config(global_batch=8, resolution=16), tok)
-    with pytest.raises(ValueError, match="group must be >= 1 and divide the 48 records, got 5"):
-        pl.ArraySource(src.images, src.captions, group=5)
-
-
-def test_shapes_world_memory_renders_each_caption_several_times():
-    # renders=3: 4 captions (the kind mix applied to captions), each as 3 consecutive records: the
-    # example's own scene, then 2 other scenes of its caption; every render satisfies its caption
+def test_shapes_world_memory_canonical_and_shared_options():
+    # canonical: the same captions, relation scenes in their canonical layout
     from jaxdiff.data import shapes_world as sw
     from jaxdiff.eval import fidelity
 
-    src = pl.open_source(
-        "shapes_world_memory:12:relation=0.5,renders=3", resolution=64, split="validation"
-    )
-    assert len(src) == 12 and src.group == 3
-    caps = [src[i]["caption"] for i in range(12)]
-    assert all(caps[i] == caps[i - i % 3] for i in range(12)) and len(set(caps)) == 4
-    assert sorted(sw.parse_caption(c).kind for c in caps[::3]).count("relation") == 2
-    first = pl.open_source("shapes_world_memory:4:relation=0.5", resolution=64, split="validation")
-    for k in range(4):
-        assert first[k]["caption"] == caps[3 * k]
-        np.testing.assert_array_equal(first[k]["image"], src[3 * k]["image"])
-        group = [src[3 * k + j]["image"] for j in range(3)]
-        assert not np.array_equal(group[0], group[1]) or not np.array_equal(group[0], group[2])
-    assert all(fidelity.score(src[i]["image"], caps[i])["correct"] for i in range(12))
-    assert pl.open_source("shapes_world_memory:4:renders=2", resolution=32).group == 2
-    with pytest.raises(ValueError, match="renders must be >= 1 and divide n = 12, got 5"):
-        pl.open_source("shapes_world_memory:12:renders=5", resolution=32)
-    with pytest.raises(ValueError, match="renders must be a whole number"):
-        pl.open_source("shapes_world_memory:12:renders=2.5", resolution=32)
-    # canonical=1: the same captions, relation scenes in their canonical layout
     canon = pl.open_source(
-        "shapes_world_memory:4:relation=1,canonical=1", resolution=32, split="validation"
+        "shapes_world_memory:4",
+        resolution=32,
+        split="validation",
+        kinds={"relation": 1},
+        canonical=True,
     )
-    spec = pl.open_source("shapes_world_memory:4:relation=1", resolution=32, split="validation")
+    spec = pl.open_source(
+        "shapes_world_memory:4", resolution=32, split="validation", kinds={"relation": 1}
+    )
     assert [canon[k]["caption"] for k in range(4)] == [spec[k]["caption"] for k in range(4)]
     assert any(not np.array_equal(canon[k]["image"], spec[k]["image"]) for k in range(4))
-    with pytest.raises(ValueError, match="canonical must be 0 or 1, got 2"):
-        pl.open_source("shapes_world_memory:4:canonical=2", resolution=32)
     # shared=F: that fraction of relation scenes names a B that shares A's colour or shape; the rest unchanged
-    both = pl.open_source("shapes_world_memory:8:relation=1,shared=1,canonical=1", resolution=64)
-    plain = pl.open_source("shapes_world_memory:8:relation=1,canonical=1", resolution=64)
+    rel = dict(kinds={"relation": 1}, canonical=True)
+    both = pl.open_source("shapes_world_memory:8", resolution=64, shared=1.0, **rel)
+    plain = pl.open_source("shapes_world_memory:8", resolution=64, **rel)
     pairs = [
         [(o.colour, o.shape) for o in sw.parse_caption(both[k]["caption"]).objects]
         for k in range(8)
@@ -464,10 +401,10 @@ def test_shapes_world_memory_renders_each_caption_several_times():
     assert all(a != b and (a[0] == b[0] or a[1] == b[1]) for a, b in pairs), pairs
     assert [both[k]["caption"] for k in range(8)] != [plain[k]["caption"] for k in range(8)]
     assert all(fidelity.score(both[k]["image"], both[k]["caption"])["correct"] for k in range(8))
-    none = pl.open_source("shapes_world_memory:8:relation=1,shared=0,canonical=1", resolution=32)
+    none = pl.open_source("shapes_world_memory:8", resolution=32, shared=0.0, **rel)
     assert [none[k]["caption"] for k in range(8)] == [plain[k]["caption"] for k in range(8)]
     with pytest.raises(ValueError, match="shared must lie in \\[0, 1\\], got 1.5"):
-        pl.open_source("shapes_world_memory:4:shared=1.5", resolution=32)
+        pl.open_source("shapes_world_memory:4", resolution=32, shared=1.5)
 
 
 def test_array_source_resumes_exactly(tok):

@@ -2,7 +2,9 @@
 latent scale) -> LDM run on both -> exported diffusers folder that diffusers and jaxdiff sample alike;
 then the evaluation study, the VAE PSNR command, the demo grid and the default model."""
 
+import importlib.util
 import json
+import sys
 import xml.etree.ElementTree as ET
 
 import jax
@@ -20,7 +22,7 @@ def recipe(tmp_path_factory):
     train_cli.main(
         [
             "--config",
-            "configs/clip_shapes.py:smoke",
+            "configs/shapes_sd/clip.py:smoke",
             "--workdir",
             str(root / "clip"),
             "--config.loop.steps=2",
@@ -29,7 +31,7 @@ def recipe(tmp_path_factory):
     train_cli.main(
         [
             "--config",
-            "configs/vae_shapes.py:smoke",
+            "configs/shapes_sd/vae.py:base,smoke",
             "--workdir",
             str(root / "vae"),
             "--config.loop.steps=2",
@@ -38,7 +40,7 @@ def recipe(tmp_path_factory):
     train_cli.main(
         [
             "--config",
-            "configs/vae_shapes_ft.py:smoke",
+            "configs/shapes_sd/vae.py:ft,smoke",
             "--workdir",
             str(root / "vae_ft"),
             "--config.loop.steps=2",
@@ -49,7 +51,7 @@ def recipe(tmp_path_factory):
     train_cli.main(
         [
             "--config",
-            "configs/ldm_shapes.py:smoke",
+            "configs/shapes_sd/unet.py:base,smoke",
             "--workdir",
             str(root / "ldm"),
             "--config.loop.steps=2",
@@ -87,7 +89,7 @@ def test_vae_fine_tune_starts_from_its_model_dir(recipe, tmp_path):
     train_cli.main(
         [
             "--config",
-            "configs/vae_shapes_ft.py:smoke",
+            "configs/shapes_sd/vae.py:ft,smoke",
             "--workdir",
             str(tmp_path / "ft"),
             "--config.loop.steps=1",
@@ -103,7 +105,7 @@ def test_vae_fine_tune_starts_from_its_model_dir(recipe, tmp_path):
         train_cli.main(
             [
                 "--config",
-                "configs/vae_shapes_ft.py:smoke",
+                "configs/shapes_sd/vae.py:ft,smoke",
                 "--workdir",
                 str(tmp_path / "bad"),
                 f"--config.model.model_dir={tmp_path / 'nowhere'}",
@@ -122,7 +124,7 @@ def test_text_encoder_trained_with_the_unet(recipe, tmp_path):
     train_cli.main(
         [
             "--config",
-            "configs/ldm_shapes.py:smoke",
+            "configs/shapes_sd/unet.py:base,smoke",
             "--workdir",
             str(tmp_path / "ldm"),
             "--config.loop.steps=2",
@@ -202,7 +204,7 @@ def test_zero_snr_stage_from_an_exported_model(recipe, tmp_path):
     train_cli.main(
         [
             "--config",
-            "configs/ldm_shapes_zsnr.py:smoke",
+            "configs/shapes_sd/unet.py:zsnr,smoke",
             "--workdir",
             str(tmp_path / "ldm"),
             "--config.loop.steps=2",
@@ -230,7 +232,7 @@ def test_zero_snr_stage_from_an_exported_model(recipe, tmp_path):
 
 
 def test_random_text_tower_stage(recipe, tmp_path):
-    """Stage 3 of the UNet recipe: an exported model's UNet and VAE with a new random text tower trained
+    """`model.text_encoder=random`: an exported model's UNet and VAE with a new random text tower trained
     with the UNet; the export carries the trained tower (not the base model's), and a frozen random
     tower is refused before anything is built."""
     from jaxdiff.convert.pretrained import load_pretrained
@@ -238,11 +240,12 @@ def test_random_text_tower_stage(recipe, tmp_path):
 
     argv = [
         "--config",
-        "configs/ldm_shapes_text.py:smoke",
+        "configs/shapes_sd/unet.py:zsnr,smoke",
         "--workdir",
         str(tmp_path / "ldm"),
         "--config.loop.steps=2",
         f"--config.model.model_dir={recipe / 'sd'}",
+        "--config.model.text_encoder=random",
     ]
     train_cli.main(argv)
     assert (
@@ -275,7 +278,7 @@ def test_random_text_tower_stage(recipe, tmp_path):
 
 
 def test_position_embedding_stage(recipe, tmp_path):
-    """configs/ldm_shapes_pos.py: an exported model's UNet given a position embedding and trained on; the
+    """configs/shapes_sd/unet.py:pos: an exported model's UNet given a position embedding and trained on; the
     export records it (a key diffusers does not know) and carries the trained map; jaxdiff samples it."""
     from jaxdiff.convert.diffusers import POSITION_KEY
     from jaxdiff.convert.pretrained import load_pretrained
@@ -285,7 +288,7 @@ def test_position_embedding_stage(recipe, tmp_path):
     train_cli.main(
         [
             "--config",
-            "configs/ldm_shapes_pos.py:smoke",
+            "configs/shapes_sd/unet.py:pos,smoke",
             "--workdir",
             str(tmp_path / "ldm"),
             "--config.loop.steps=2",
@@ -309,7 +312,7 @@ def test_position_embedding_stage(recipe, tmp_path):
         train_cli.main(
             [
                 "--config",
-                "configs/ldm_shapes_pos.py:smoke",
+                "configs/shapes_sd/unet.py:pos,smoke",
                 "--workdir",
                 str(tmp_path / "bad"),
                 f"--config.model.model_dir={recipe / 'sd'}",
@@ -317,11 +320,11 @@ def test_position_embedding_stage(recipe, tmp_path):
             ]
         )
     assert not (tmp_path / "bad" / "checkpoints").exists()
-    # stage 4 (configs/ldm_shapes_long.py) trains that export on: its map kept as it is, nothing new added
+    # stage 4 (configs/shapes_sd/unet.py:long) trains that export on: its map kept as it is, nothing new added
     train_cli.main(
         [
             "--config",
-            "configs/ldm_shapes_long.py:smoke",
+            "configs/shapes_sd/unet.py:long,smoke",
             "--workdir",
             str(tmp_path / "long"),
             "--config.loop.steps=2",
@@ -340,315 +343,44 @@ def test_position_embedding_stage(recipe, tmp_path):
     )
 
 
-def test_context_refiner_stage(recipe, tmp_path):
-    """configs/ldm_shapes_ctx.py: an exported model's UNet given a context refiner and trained on. Before any
-    step its UNet computes exactly what the one it started from does (zero-initialised branches); the export records the
-    refiner (a key diffusers does not know) and carries its trained tensors; jaxdiff samples it; a bad
-    value is refused before anything is written."""
-    from jaxdiff.convert.diffusers import REFINER_KEY
-    from jaxdiff.convert.pretrained import load_pretrained
-    from jaxdiff.convert.runs import load_run_params
-    from jaxdiff.pipelines.stable_diffusion import Pipeline
-
-    base = load_pretrained(recipe / "sd")
-    args = [
-        "--config",
-        "configs/ldm_shapes_ctx.py:smoke",
-        f"--config.model.model_dir={recipe / 'sd'}",
-        "--config.model.unet_position_embedding=0",
-    ]  # the recipe's UNet has none: only the refiner is new
-    import dataclasses
-
-    from flax import linen as nn
-
-    from jaxdiff.models.unet import UNet
-
-    config = train_cli.apply_overrides(
-        train_cli.load_config(args[1]), [a[len("--config.") :] for a in args[2:]]
-    )
-    start = nn.unbox(train_cli.build(config)[0].init(jax.random.key(0)))[
-        "unet"
-    ]  # what step 1 starts from
-    x, ctx = (
-        jax.random.normal(jax.random.key(0), (2, 4, 4, 4)),
-        jax.random.normal(jax.random.key(1), (2, 20, 32)),
-    )
-    eps = lambda cfg, p: UNet(cfg).apply({"params": p}, x, np.array([10, 900]), ctx)  # noqa: E731
-    assert "context_refiner" in start and "context_refiner" not in base.params["unet"]
-    np.testing.assert_array_equal(
-        eps(dataclasses.replace(base.unet_config, context_refiner=2), start),
-        eps(base.unet_config, base.params["unet"]),
-    )  # the same UNet function before any step
-    sample = lambda sd: np.asarray(
-        Pipeline.from_model(sd).txt2img(  # noqa: E731
-            "a red circle to the left of a blue square",
-            steps=3,
-            guidance=3.0,
-            seed=0,
-            height=32,
-            width=32,
-        )
-    )
-    train_cli.main(args + ["--workdir", str(tmp_path / "ldm"), "--config.loop.steps=2"])
-    top.main(["export", "--workdir", str(tmp_path / "ldm"), "--out", str(tmp_path / "sd")])
-    assert json.loads((tmp_path / "sd" / "unet" / "config.json").read_text())[REFINER_KEY] == 2
-    sd, (trained, _) = load_pretrained(tmp_path / "sd"), load_run_params(tmp_path / "ldm")
-    assert sd.unet_config.context_refiner == 2 and "context_refiner" not in base.params["unet"]
-    for a, b in zip(
-        jax.tree.leaves(trained["unet"]["context_refiner"]),
-        jax.tree.leaves(sd.params["unet"]["context_refiner"]),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
-    assert np.isfinite(sample(sd)).all()
-    with pytest.raises(SystemExit, match="unet_context_refiner=-1.*>= 0"):
-        train_cli.main(
-            args + ["--workdir", str(tmp_path / "bad"), "--config.model.unet_context_refiner=-1"]
-        )
-    assert not (tmp_path / "bad" / "checkpoints").exists()
-
-
-def test_text_pooling_stage(recipe, tmp_path):
-    """configs/ldm_shapes_pool.py: an exported model's UNet given DeepFloyd IF's pooled text (added to the time
-    embedding) and trained on. Before any step it computes exactly what the one it started from does (the
-    branch's last LayerNorm starts at zero); a step moves it; the export is a plain diffusers UNet config
-    (addition_embed_type "text") that diffusers loads and runs as jaxdiff does; the single-file layout refuses
-    it; a bad value is refused before anything is written."""
-    import dataclasses
-
-    from diffusers import UNet2DConditionModel
-    from flax import linen as nn
-
-    from jaxdiff.convert import single_file
-    from jaxdiff.convert.pretrained import load_pretrained
-    from jaxdiff.models.unet import UNet
-
-    base = load_pretrained(recipe / "sd")
-    args = [
-        "--config",
-        "configs/ldm_shapes_pool.py:smoke",
-        f"--config.model.model_dir={recipe / 'sd'}",
-        "--config.model.unet_position_embedding=0",
-    ]
-    x, ctx = (
-        jax.random.normal(jax.random.key(0), (2, 4, 4, 4)),
-        jax.random.normal(jax.random.key(1), (2, 20, 32)),
-    )
-    t = np.array([10, 900])
-    eps = lambda sd: UNet(sd.unet_config).apply({"params": sd.params["unet"]}, x, t, ctx)  # noqa: E731
-    config = train_cli.apply_overrides(
-        train_cli.load_config(args[1]), [a[len("--config.") :] for a in args[2:]]
-    )
-    start = nn.unbox(train_cli.build(config)[0].init(jax.random.key(0)))[
-        "unet"
-    ]  # what step 1 starts from
-    pooled = dataclasses.replace(
-        base.unet_config, addition_embed_type="text", addition_embed_type_num_heads=4
-    )
-    assert "add_embedding" not in base.params["unet"] and "add_embedding" in start
-    np.testing.assert_array_equal(
-        UNet(pooled).apply({"params": start}, x, t, ctx), eps(base)
-    )  # the same function
-    train_cli.main(
-        args
-        + [
-            "--workdir",
-            str(tmp_path / "one"),
-            "--config.optim.learning_rate=1e-3",
-            "--config.loop.steps=2",
-        ]
-    )  # the first step's lr is 0 (warm-up)
-    top.main(
-        [
-            "export",
-            "--workdir",
-            str(tmp_path / "one"),
-            "--out",
-            str(tmp_path / "one_sd"),
-            "--raw-params",
-        ]
-    )
-    one = load_pretrained(tmp_path / "one_sd")
-    assert one.unet_config == pooled
-    assert (
-        float(np.abs(one.params["unet"]["add_embedding"]["norm2"]["scale"]).max()) > 0
-    )  # the branch opens
-    assert float(np.abs(eps(one) - eps(base)).max()) > 0
-    cfg = json.loads((tmp_path / "one_sd" / "unet" / "config.json").read_text())
-    assert (cfg["addition_embed_type"], cfg["addition_embed_type_num_heads"]) == ("text", 4)
-    theirs = UNet2DConditionModel.from_pretrained(str(tmp_path / "one_sd" / "unet")).eval()
-    with torch.no_grad():
-        ref = (
-            theirs(
-                torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2),
-                torch.from_numpy(t),
-                torch.from_numpy(np.asarray(ctx)),
-            )
-            .sample.permute(0, 2, 3, 1)
-            .numpy()
-        )
-    np.testing.assert_allclose(eps(one), ref, atol=2e-4, rtol=1e-3)
-    with pytest.raises(single_file.ConversionError, match="pooled text"):
-        single_file.single_file_state_dict(
-            unet=(one.unet_config, one.params["unet"]), vae=None, text_encoder=None
-        )
-    with pytest.raises(SystemExit, match=r"unet_text_pooling=-1: expected a number of heads >= 0"):
-        train_cli.main(
-            args
-            + [
-                "--workdir",
-                str(tmp_path / "bad"),
-                "--config.model.unet_text_pooling=-1",
-                "--config.loop.steps=1",
-            ]
-        )
-    with pytest.raises(SystemExit, match="unet_text_pooling=5.*does not split into 5 heads"):
-        train_cli.main(
-            args
-            + [
-                "--workdir",
-                str(tmp_path / "bad"),
-                "--config.model.unet_text_pooling=5",
-                "--config.loop.steps=1",
-            ]
-        )
-    assert not (tmp_path / "bad" / "checkpoints").exists()
-
-
-def test_relation_probe(recipe, tmp_path, capsys):
-    """python -m jaxdiff.eval.relation_probe: the x0 estimate at t = T from each prediction type, the measured
-    and the fitted pairs disjoint, a 2-step fit with either target, the JSON written whole, bad arguments
-    refused before the model loads."""
-    import jax.numpy as jnp
-
-    from jaxdiff.convert.pretrained import load_pretrained
-    from jaxdiff.eval import relation_probe as rp
-
-    with pytest.raises(ValueError, match="not a shapes-world size"):
-        rp.Probe(load_pretrained(recipe / "sd"), 48)
-    probe = rp.Probe(load_pretrained(recipe / "sd"), 32)  # the recipe trains at 32 px
-    x, out, t = jnp.full((1, 2, 2, 1), 2.0), jnp.full((1, 2, 2, 1), 0.5), jnp.array([probe.T - 1])
-    a = float(probe.alphas[-1])
-    expect = (
-        (2.0 - np.sqrt(1 - a) * 0.5) / np.sqrt(a)
-        if probe.prediction == "epsilon"
-        else np.sqrt(a) * 2.0 - np.sqrt(1 - a) * 0.5
-    )
-    np.testing.assert_allclose(np.asarray(probe.x0(x, t, out)), expect, rtol=1e-5)
-    measured = rp.object_pairs(3, 0)
-    assert (
-        not set(measured) & set(rp.object_pairs(5, 1, exclude=measured)) and len(set(measured)) == 3
-    )
-    assert all(a[0] != b[0] for a, b in measured)
-    for target, more in (
-        ("mean", []),
-        ("sample", ["--anchor", "2", "--save", str(tmp_path / "fitted")]),
-    ):
-        out_json = tmp_path / f"{target}.json"
-        assert (
-            rp.main(
-                [
-                    "--model",
-                    str(recipe / "sd"),
-                    "--resolution",
-                    "32",
-                    "--pairs",
-                    "1",
-                    "--renders",
-                    "2",
-                    "--noises",
-                    "2",
-                    "--guidance",
-                    "1",
-                    "--fit-steps",
-                    "2",
-                    "--fit-pairs",
-                    "2",
-                    "--target",
-                    target,
-                    "--batch",
-                    "2",
-                    "--json",
-                    str(out_json),
-                ]
-                + more
-            )
-            == 0
-        )
-        result = json.loads(out_json.read_text())
-        assert result["fit"]["target"] == target and np.isfinite(result["fit"]["loss_last_10"])
-        assert result["fit"]["anchor"] == (2 if more else 0)
-        rows = result["alignment"]
-        assert sorted(rows) == [
-            "above / below, w=1",
-            "in the top left / in the bottom right, w=1",
-            "to the left of / to the right of, w=1",
-        ]
-        assert all(
-            len(r["cosines"]) == 1 and -1 <= r["cosines"][0] <= 1 and r["captions"] == 2
-            for r in rows.values()
-        )
-    assert "| above / below, w=1 |" in capsys.readouterr().out
-    # --save: the fitted UNet and text tower in a model folder beside the unchanged VAE
-    old, fitted = load_pretrained(recipe / "sd"), load_pretrained(tmp_path / "fitted")
-    changed = lambda k: any(
-        not np.array_equal(a, b)
-        for a, b in zip(  # noqa: E731
-            jax.tree.leaves(old.params[k]), jax.tree.leaves(fitted.params[k])
-        )
-    )
-    assert changed("unet") and changed("text_encoder") and not changed("vae")
-    for bad, match in (
-        (["--pairs", "0"], "--pairs must be >= 1"),
-        (["--save", str(tmp_path / "fitted")], "give --fit-steps too"),
-        (["--fit-steps", "1", "--save", str(tmp_path / "fitted")], "exists and is not empty"),
-        (["--anchor", "-1"], "--anchor must be >= 0"),
-        (["--json", str(tmp_path / "no" / "x.json")], "does not exist"),
-    ):
-        with pytest.raises(SystemExit):
-            rp.main(["--model", str(tmp_path / "missing")] + bad)
-        assert match in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="relation probe: "):
-        rp.main(["--model", str(tmp_path / "missing")])
-
-
 def test_the_recipe_chains_its_stages():
-    """Each UNet stage of `make shapes-sd` starts from the folder the stage before it exported."""
+    """`make shapes-sd` runs every stage of configs/shapes_sd/unet.py in order, each from the folder the
+    stage before it exported, and the last export's weights become models/shapes_sd."""
+    import re
     import shlex
     from pathlib import Path
 
-    exported, stages, sampling = set(), 0, None
-    for line in Path("Makefile").read_text().split("shapes-sd:")[1].split("\n\n")[0].splitlines():
-        args = shlex.split(line.strip())[1:]
-        if (
-            line.strip().startswith("printf")
-            and args[-1] == "models/shapes_sd/jaxdiff_sampling.json"
-        ):
-            sampling = json.loads(args[0].replace("\\n", "\n"))
-        elif args[:1] == ["export"]:
+    text = Path("Makefile").read_text()
+    stages = re.search(r"^UNET_STAGES := (.*)$", text, re.M).group(1).split()
+    recipe = text.split("\nshapes-sd:")[1].split("\n\n")[0].replace("\\\n", " ").splitlines()[1:]
+    commands = []
+    for line in recipe:
+        loop = re.match(r"\s*for s in \$\(UNET_STAGES\); do (.*);\s*done", line)
+        body = loop.group(1) if loop else line
+        for s in stages if loop else [None]:
+            expanded = (
+                body.replace("$${s}", str(s)).replace("$$s", str(s)).replace(" || exit 1", "")
+            )
+            commands += [shlex.split(c) for c in expanded.split("&&")]
+    exported, trained = set(), []
+    for args in commands:
+        if args[0] == "cp":
+            exported.add(args[-1].rstrip("/")) if args[-2].rstrip("/.") in exported else None
+        elif args[1:2] == ["export"]:
             exported.add(args[args.index("--out") + 1])
-        elif args[:1] == ["train"] and "ldm_shapes" in args[2]:
-            model_dir = train_cli.load_config(args[2]).model.model_dir
-            assert not model_dir or model_dir in exported, (args[2], model_dir, exported)
-            stages += 1
-    assert stages == 13 and "models/shapes_sd" in exported
-    assert sampling == json.loads(
-        Path("models/shapes_sd/jaxdiff_sampling.json").read_text()
-    )  # what it measured with
-
-
-def test_growing_a_unet_that_the_preset_does_not_extend_is_refused(recipe, tmp_path):
-    with pytest.raises(SystemExit, match="unet_preset='shapes_deep'.*does not extend"):
-        train_cli.main(
-            [
-                "--config",
-                "configs/ldm_shapes_deep.py:smoke",
-                "--workdir",
-                str(tmp_path / "deep"),
-                f"--config.model.model_dir={recipe / 'sd'}",
-                "--config.model.unet_preset=shapes_deep",
-            ]
-        )
+        elif args[1:2] == ["train"] and "unet.py" in args[3]:
+            c = train_cli.load_config(args[3])
+            for start in (c.model.model_dir, c.model.vae_workdir):
+                assert not start or start in exported, (args[3], start, exported)
+            trained.append(args[3].split(":")[1])
+    spec = importlib.util.spec_from_file_location("unet_recipe", "configs/shapes_sd/unet.py")
+    recipe_module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, "configs")  # its `common`
+    try:
+        spec.loader.exec_module(recipe_module)
+    finally:
+        sys.path.pop(0)
+    assert trained == stages == list(recipe_module.STAGES) and "models/shapes_sd" in exported
 
 
 def _assert_samples_like_diffusers(folder):

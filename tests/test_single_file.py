@@ -1,6 +1,7 @@
 """Original single-file SD checkpoints: our export is read by diffusers' own single-file loader, our
 import matches the PyTorch models, and the full-size SD 1.5 / 2.1 layouts agree with diffusers' converters."""
 
+import dataclasses
 import json
 import os
 import types
@@ -385,6 +386,15 @@ def test_bad_inputs_name_the_keys(cases):
             sd2 | {sf.OPENCLIP + "transformer.resblocks.24.ln_1.bias": np.zeros(32)},
             text_config=cases["sd2"].configs["text_encoder"],
         )
+
+
+def test_pooled_text_unet_is_refused():
+    # DeepFloyd IF's pooled text (addition_embed_type "text") has no place in the LDM layout: refused, not dropped
+    pooled = dataclasses.replace(
+        unet_lib.PRESETS["tiny"], addition_embed_type="text", addition_embed_type_num_heads=4
+    )
+    with pytest.raises(ConversionError, match="pooled text"):
+        sf.single_file_state_dict(unet=(pooled, {}), vae=None, text_encoder=None)
 
 
 def test_pickled_ckpt(cases, tmp_path):

@@ -452,7 +452,7 @@ def test_a_trainer_that_fails_at_start_fails_the_launch(worker):
 
 
 def test_launch_warns_on_a_local_workdir(cloud):
-    r = cloud.run("launch.sh", "--config", "configs/ldm_shapes.py", "--workdir", "runs/x")
+    r = cloud.run("launch.sh", "--config", "configs/shapes_sd/unet.py", "--workdir", "runs/x")
     assert "not a gs:// path" in r.stderr
 
 

@@ -1,6 +1,7 @@
 """`jaxdiff train` as a user runs it: a config file, overrides, checkpoints, logs, resume, refusals."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ def test_ldm_smoke_run_then_resume(tmp_path, capsys):
     cli.main(
         [
             "--config",
-            "configs/ldm_shapes.py:smoke",
+            "configs/shapes_sd/unet.py:base,smoke",
             "--workdir",
             str(work),
             "--config.loop.steps=6",
@@ -35,7 +36,7 @@ def test_ldm_smoke_run_then_resume(tmp_path, capsys):
     cli.main(
         [
             "--config",
-            "configs/ldm_shapes.py:smoke",
+            "configs/shapes_sd/unet.py:base,smoke",
             "--workdir",
             str(work),
             "--config.loop.steps=8",
@@ -51,7 +52,7 @@ def test_ldm_smoke_run_then_resume(tmp_path, capsys):
         cli.main(
             [
                 "--config",
-                "configs/ldm_shapes.py:smoke",
+                "configs/shapes_sd/unet.py:base,smoke",
                 "--workdir",
                 str(work),
                 "--config.optim.learning_rate=0.5",
@@ -63,7 +64,7 @@ def test_vae_smoke_run(tmp_path, capsys):
     cli.main(
         [
             "--config",
-            "configs/vae_shapes.py:smoke",
+            "configs/shapes_sd/vae.py:base,smoke",
             "--workdir",
             str(tmp_path),
             "--config.loop.steps=3",
@@ -78,7 +79,7 @@ def test_config_errors(tmp_path):
         cli.main(
             [
                 "--config",
-                "configs/ldm_shapes.py:smoke",
+                "configs/shapes_sd/unet.py:base,smoke",
                 "--workdir",
                 str(tmp_path),
                 "--config.loop.stepz=3",
@@ -90,26 +91,36 @@ def test_config_errors(tmp_path):
         cli.main(
             [
                 "--config",
-                "configs/ldm_shapes.py:smoke",
+                "configs/shapes_sd/unet.py:base,smoke",
                 "--workdir",
                 str(tmp_path),
                 "--config.loop.steps",
             ]
         )
-    with pytest.raises(ValueError, match=r"unknown argument 'big' \(known: smoke\)"):
-        cli.main(["--config", "configs/ldm_shapes.py:big", "--workdir", str(tmp_path)])
     with pytest.raises(
-        ValueError, match=r"unknown argument 'third' \(known: smoke, second, shared\)"
+        ValueError, match=r"unknown argument 'big' \(known: base, zsnr, .*, bind3, each"
     ):
-        cli.load_config("configs/ldm_shapes_bind.py:third")
+        cli.main(["--config", "configs/shapes_sd/unet.py:big", "--workdir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"unknown argument 'bind,zsnr'"):
+        cli.load_config("configs/shapes_sd/unet.py:bind,zsnr")
+    with pytest.raises(ValueError, match=r"sd15_finetune.py takes no argument, got 'big'"):
+        cli.load_config("configs/sd15_finetune.py:big")
+    with pytest.raises(
+        SystemExit, match=r"config file shapes_sd/nope.py not found.*sd15_finetune.py"
+    ):
+        cli.load_config("shapes_sd/nope.py")
+    assert (
+        cli.config_file("shapes_sd/unet.py").resolve()
+        == Path("configs/shapes_sd/unet.py").resolve()
+    )
     for name in (
-        "ldm_shapes",
-        "vae_shapes",
-        "sd15_finetune",
-        "clip_shapes",
-        "clip_b16_pod",
-    ):  # every shipped config
-        c = cli.load_config(f"configs/{name}.py")
+        "shapes_sd/unet.py:bind3",
+        "shapes_sd/vae.py:ft",
+        "shapes_sd/clip.py",
+        "sd15_finetune.py",
+        "clip_b16_pod.py",
+    ):  # every shipped config, found by name from any folder
+        c = cli.load_config(name)
         with pytest.raises(AttributeError):
             c.new_key = 1
 
@@ -124,7 +135,7 @@ def test_vae_with_discriminator_then_ldm_on_it(tmp_path, capsys):
     cli.main(
         [
             "--config",
-            "configs/vae_shapes.py:smoke",
+            "configs/shapes_sd/vae.py:base,smoke",
             "--workdir",
             str(vae_dir),
             "--config.loop.steps=4",
@@ -145,7 +156,7 @@ def test_vae_with_discriminator_then_ldm_on_it(tmp_path, capsys):
     cli.main(
         [
             "--config",
-            "configs/ldm_shapes.py:smoke",
+            "configs/shapes_sd/unet.py:base,smoke",
             "--workdir",
             str(tmp_path / "ldm"),
             "--config.loop.steps=2",
@@ -159,7 +170,7 @@ def test_vae_with_discriminator_then_ldm_on_it(tmp_path, capsys):
     from jaxdiff.train import cli as C
 
     c = C.apply_overrides(
-        C.load_config("configs/ldm_shapes.py:smoke"), [f"model.vae_workdir={vae_dir}"]
+        C.load_config("configs/shapes_sd/unet.py:base,smoke"), [f"model.vae_workdir={vae_dir}"]
     )
     task, _ = C.build(c)
     jax.tree.map(
@@ -197,48 +208,14 @@ def _logged(out, name):
     ]
 
 
-def test_stable_target_run_on_several_renders_per_caption(tmp_path, capsys):
-    # ldm.stable_target needs batches with several renders of a caption: refused before anything is
-    # rendered or written on data with one; trains on shapes_world_memory:N:renders=K
-    with pytest.raises(SystemExit, match="several renders of one caption"):
-        cli.main(
-            [
-                "--config",
-                "configs/ldm_shapes_stf.py:smoke",
-                "--workdir",
-                str(tmp_path / "refused"),
-                "--config.ldm.stable_target=True",
-            ]
-        )
-    assert not (tmp_path / "refused").exists()
-    work = tmp_path / "stf"
-    cli.main(
-        [
-            "--config",
-            "configs/ldm_shapes_stf.py:smoke",
-            "--workdir",
-            str(work),
-            "--config.ldm.stable_target=True",
-            "--config.data.source=shapes_world_memory:32:relation=0.5,renders=4",
-            "--config.loop.steps=2",
-            "--config.loop.log_every=1",
-            "--config.loop.checkpoint_every=2",
-        ]
-    )
-    out = capsys.readouterr().out
-    weights = _logged(out, "stf_self_weight")
-    assert len(weights) == 2 and all(0.25 <= w < 1 for w in weights), out
-    assert "done: step 2" in out
-
-
 def test_text_token_loss_run(tmp_path, capsys):
-    # configs/ldm_shapes_words.py: the token-identity loss on a text tower trained with the UNet; refused
+    # configs/shapes_sd/unet.py:words: the token-identity loss on a text tower trained with the UNet; refused
     # before anything is written when the text encoder is frozen
     with pytest.raises(SystemExit, match="text_token_loss=0.05 trains the text encoder"):
         cli.main(
             [
                 "--config",
-                "configs/ldm_shapes_words.py:smoke",
+                "configs/shapes_sd/unet.py:words,smoke",
                 "--workdir",
                 str(tmp_path / "refused"),
                 "--config.ldm.train_text_encoder=False",
@@ -249,7 +226,7 @@ def test_text_token_loss_run(tmp_path, capsys):
     cli.main(
         [
             "--config",
-            "configs/ldm_shapes_words.py:smoke",
+            "configs/shapes_sd/unet.py:words,smoke",
             "--workdir",
             str(work),
             "--config.loop.steps=2",
@@ -264,23 +241,23 @@ def test_text_token_loss_run(tmp_path, capsys):
 
 
 def test_canonical_relation_stages_load_and_their_sources_open():
-    # configs/ldm_shapes_canon.py (attempt 15) and configs/ldm_shapes_bind.py (attempts 17, 18): each stage keeps
-    # the token-identity loss and trains on canonical relation layouts; their data sources, shrunk to 8 examples,
-    # open with the same captions as without
+    # the canonical-layout and binding stages of configs/shapes_sd/unet.py keep the token-identity loss and
+    # train on canonical relation layouts; their data sources, shrunk to 8 examples, open with the same
+    # captions as without; options on a source that cannot take them are refused by name
     from jaxdiff.data import pipeline as pl
 
-    for path in (
-        "configs/ldm_shapes_canon.py:first",
-        "configs/ldm_shapes_canon.py",
-        "configs/ldm_shapes_bind.py",
-        "configs/ldm_shapes_bind.py:second",
-        "configs/ldm_shapes_bind.py:shared",
-    ):
-        c = cli.load_config(path)
+    for stage in ("canon_first", "canon", "bind", "bind2", "bind3"):
+        c = cli.load_config(f"configs/shapes_sd/unet.py:{stage}")
         assert c.ldm.text_token_loss > 0 and c.ldm.train_text_encoder and c.model.model_dir
-        spec = c.data.source.replace(":40000:", ":8:")
-        assert ",canonical=1" in spec
+        spec = c.data.source.replace(":40000", ":8")
+        options = cli.shapes_options(c.data)
+        assert options["canonical"] and options["kinds"]
         canon, plain = (
-            pl.open_source(s, resolution=32) for s in (spec, spec.replace(",canonical=1", ""))
+            pl.open_source(spec, resolution=32, **o)
+            for o in (options, dict(options, canonical=False))
         )
         assert [r["caption"] for r in canon] == [r["caption"] for r in plain]
+    with pytest.raises(ValueError, match="data.shapes"):
+        pl.open_source("synthetic:8", resolution=32, canonical=True)
+    with pytest.raises(ValueError, match="data.shapes.kinds"):
+        pl.open_source("shapes_world_memory:8:relation=0.5", resolution=32)

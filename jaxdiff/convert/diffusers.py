@@ -55,13 +55,9 @@ def _reject(cfg: dict, what: str, **allowed):
 # a UNet with jaxdiff's position embedding (UNetConfig.position_embedding) writes this key, which
 # diffusers' UNet2DConditionModel does not know: such a folder loads in jaxdiff only
 POSITION_KEY = "jaxdiff_position_embedding"
-REFINER_KEY = "jaxdiff_context_refiner"  # UNetConfig.context_refiner, likewise jaxdiff's only
 # jaxdiff's UNet extensions, one row each: UNetConfig field, its key in the folder's config.json, its name
 # in messages, its unit. The export, the single-file writer and `jaxdiff train` all read this table.
-UNET_EXTENSIONS = (
-    ("position_embedding", POSITION_KEY, "position embedding", "octaves"),
-    ("context_refiner", REFINER_KEY, "context refiner", "layers"),
-)
+UNET_EXTENSIONS = (("position_embedding", POSITION_KEY, "position embedding", "octaves"),)
 
 
 def unet_config_from_diffusers(d: dict) -> unet_lib.UNetConfig:

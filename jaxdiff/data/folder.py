@@ -11,13 +11,12 @@ run sees the same order. What cannot be used is counted per reason in `source.sk
 
 `jaxdiff data folder DIR` (jaxdiff.data.cli) decodes a whole folder as training would and summarises it.
 """
+
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
-import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -58,7 +57,10 @@ class SkipLog:
 
     def as_dict(self) -> dict:
         with self._lock:
-            return {r: {"count": n, "examples": list(self.examples[r])} for r, n in self.counts.most_common()}
+            return {
+                r: {"count": n, "examples": list(self.examples[r])}
+                for r, n in self.counts.most_common()
+            }
 
     def __getstate__(self):  # pickled into grain worker processes: counts restart there
         return {}
@@ -92,8 +94,12 @@ class _Source:
         try:
             image, caption = self._read(index)
         except OSError as e:  # deleted or unreadable since open: the pipeline counts and skips it
-            return {"image": None, "caption": "", "name": name,
-                    "error": f"unreadable file ({e.strerror or e})"}
+            return {
+                "image": None,
+                "caption": "",
+                "name": name,
+                "error": f"unreadable file ({e.strerror or e})",
+            }
         return {"image": image, "caption": caption, "name": name}
 
     def _read(self, index: int) -> tuple[bytes, str]:
@@ -102,11 +108,17 @@ class _Source:
     def _require_records(self) -> None:
         if len(self) == 0:
             why = ", ".join(f"{n} {r}" for r, n in self.skips.counts.most_common()) or "no files"
-            raise ValueError(f"{self.root}: no usable image-caption pairs ({self.layout} layout; {why})")
+            raise ValueError(
+                f"{self.root}: no usable image-caption pairs ({self.layout} layout; {why})"
+            )
 
     def summary(self) -> dict:
-        return {"root": str(self.root), "layout": self.layout, "records": len(self),
-                "skipped_at_open": self.skips.as_dict()}
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "records": len(self),
+            "skipped_at_open": self.skips.as_dict(),
+        }
 
 
 class TxtPairFolder(_Source):
@@ -149,8 +161,10 @@ class TxtPairFolder(_Source):
         return os.path.relpath(path, self.root)
 
     def _read(self, index):
-        return ((self.root / self._names[index]).read_bytes(),
-                _read_caption((self.root / self._captions[index]).read_bytes()))
+        return (
+            (self.root / self._names[index]).read_bytes(),
+            _read_caption((self.root / self._captions[index]).read_bytes()),
+        )
 
 
 class JsonlFolder(_Source):
@@ -171,8 +185,11 @@ class JsonlFolder(_Source):
                 except json.JSONDecodeError:
                     self.skips.add("bad json line", where)
                     continue
-                if not (isinstance(row, dict) and isinstance(row.get("file"), str)
-                        and isinstance(row.get("caption"), str)):
+                if not (
+                    isinstance(row, dict)
+                    and isinstance(row.get("file"), str)
+                    and isinstance(row.get("caption"), str)
+                ):
                     self.skips.add('line without string "file" and "caption"', where)
                     continue
                 path = self.root / row["file"]
@@ -258,7 +275,9 @@ def open_folder(root) -> _Source:
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such folder")
     if not root.is_dir():
-        raise NotADirectoryError(f"{root}: not a folder (expected a folder of images with captions)")
+        raise NotADirectoryError(
+            f"{root}: not a folder (expected a folder of images with captions)"
+        )
     if (root / CAPTIONS_JSONL).is_file():
         return JsonlFolder(root)
     if next(root.rglob("*.tar"), None) is not None:

@@ -12,40 +12,44 @@ Built on grain's Dataset API (`MapDataset` -> `IterDataset`): the per-host shard
 epochs are index arithmetic on the `MapDataset`, so the iterator's whole state is one element index
 (`{"next_index": i}`): checkpoints are tiny and resuming is exact, skipped records included.
 """
+
 from __future__ import annotations
 
 import atexit
 import dataclasses
 import io
 import json
-import warnings
-import weakref
-from typing import Any
-
-import grain
-import numpy as np
-from PIL import Image, ImageOps
-
-from jaxdiff.data.folder import SkipLog
-import jax
-from jaxdiff.data import shapes_world as sw
 import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxdiff import sharding as sh
-from jaxdiff.tokenizer import Tokenizer
-from absl import flags
-from concurrent.futures import ThreadPoolExecutor
-from tqdm import tqdm
-from jaxdiff.data.folder import open_folder
+import warnings
+import weakref
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from jaxdiff import sharding as sh
+from jaxdiff.data import shapes_tfds  # noqa: F401  (registers the shapes_world builder with tfds)
+from jaxdiff.data import shapes_world as sw
+from jaxdiff.data.folder import SkipLog, open_folder
+from jaxdiff.tokenizer import Tokenizer
 
 STATE_VERSION = 1
 
 
 # --- decoding: raw record -> {"image": uint8 [S, S, 3], "caption": str} -----------------------------
+
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to `size` and crop the centre square, as one resample of the centre box."""
@@ -54,7 +58,9 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     if w == h == size:
         return img
     left, top = (w - side) / 2, (h - side) / 2
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+    return img.resize(
+        (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
+    )
 
 
 def load_image(image, size: int) -> np.ndarray:
@@ -69,7 +75,9 @@ def load_image(image, size: int) -> np.ndarray:
         img = Image.fromarray(image)
     else:
         img = Image.open(io.BytesIO(bytes(image)))
-        img.draft("RGB", (size, size))  # JPEG: let libjpeg decode at 1/2, 1/4, 1/8 scale, never below size
+        img.draft(
+            "RGB", (size, size)
+        )  # JPEG: let libjpeg decode at 1/2, 1/4, 1/8 scale, never below size
         img = ImageOps.exif_transpose(img)  # loads the pixels; raises on corrupt or truncated data
     return np.asarray(center_crop_resize(img.convert("RGB"), size))
 
@@ -102,8 +110,13 @@ class DecodeExample:
     in later epochs, and counts once.
     """
 
-    def __init__(self, resolution: int, skips: SkipLog | None = None, records: int | None = None,
-                 reachable: int | None = None):
+    def __init__(
+        self,
+        resolution: int,
+        skips: SkipLog | None = None,
+        records: int | None = None,
+        reachable: int | None = None,
+    ):
         self.resolution = resolution
         self.skips = skips if skips is not None else SkipLog()
         self.records = records  # source length: indices wrap per epoch
@@ -131,8 +144,9 @@ class DecodeExample:
     def _none(self):
         # With every record of the source bad, an endless repeat would spin forever: stop instead.
         if self.reachable is not None and len(self.skips.keys) >= self.reachable:
-            raise RuntimeError(f"none of the {self.reachable} records of this host decodes: "
-                               f"{self.skips.as_dict()}")
+            raise RuntimeError(
+                f"none of the {self.reachable} records of this host decodes: {self.skips.as_dict()}"
+            )
         return None
 
 
@@ -145,7 +159,9 @@ class Collate:
         self.truncated = 0  # captions longer than the tokenizer's context (warned about once)
 
     def __call__(self, examples) -> dict:
-        return self.from_arrays(np.stack([e["image"] for e in examples]), [e["caption"] for e in examples])
+        return self.from_arrays(
+            np.stack([e["image"] for e in examples]), [e["caption"] for e in examples]
+        )
 
     def from_arrays(self, images: np.ndarray, captions: list[str]) -> dict:
         """uint8 [B, S, S, 3] images and their captions -> the batch."""
@@ -158,38 +174,42 @@ class Collate:
                 batch["tokens"] = self.tokenizer(batch["caption"])
             n = sum("truncated" in str(w.message) for w in caught)
             if n and not self.truncated:
-                warnings.warn(f"captions longer than {self.tokenizer.max_length} tokens are truncated "
-                              f"(counted in Collate.truncated; first: {caught[0].message})", stacklevel=2)
+                warnings.warn(
+                    f"captions longer than {self.tokenizer.max_length} tokens are truncated "
+                    f"(counted in Collate.truncated; first: {caught[0].message})",
+                    stacklevel=2,
+                )
             self.truncated += n
         return batch
 
 
 # --- the pipeline ---------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     resolution: int = 64
-    global_batch: int = 64           # over all hosts; each host makes global_batch / shard_count
-    seed: int = 0                    # shuffle seed; epochs reshuffle as a function of (seed, epoch)
-    num_epochs: int | None = None    # None: repeat forever
+    global_batch: int = 64  # over all hosts; each host makes global_batch / shard_count
+    seed: int = 0  # shuffle seed; epochs reshuffle as a function of (seed, epoch)
+    num_epochs: int | None = None  # None: repeat forever
     shuffle: bool = True
-    image_dtype: str = "float32"     # "float32": [-1, 1]; "uint8": [0, 255]
-    shard_index: int | None = None   # default jax.process_index()
-    shard_count: int | None = None   # default jax.process_count()
-    num_threads: int = 4             # decode threads (PIL releases the GIL while decoding and resizing)
-    prefetch_examples: int = 256     # decoded examples read ahead
-    prefetch_batches: int = 2        # collated (tokenised) batches read ahead, in one more thread
-    workers: int = 0                 # > 0: decode in that many processes (grain mp_prefetch) instead
+    image_dtype: str = "float32"  # "float32": [-1, 1]; "uint8": [0, 255]
+    shard_index: int | None = None  # default jax.process_index()
+    shard_count: int | None = None  # default jax.process_count()
+    num_threads: int = 4  # decode threads (PIL releases the GIL while decoding and resizing)
+    prefetch_examples: int = 256  # decoded examples read ahead
+    prefetch_batches: int = 2  # collated (tokenised) batches read ahead, in one more thread
+    workers: int = 0  # > 0: decode in that many processes (grain mp_prefetch) instead
 
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
-    dataset: Any                     # iter() it for a checkpointable iterator (grain's DatasetIterator,
-                                     # or the array path's, for an ArraySource)
+    dataset: Any  # iter() it for a checkpointable iterator (grain's DatasetIterator,
+    # or the array path's, for an ArraySource)
     per_host_batch: int
-    shard: tuple[int, int]           # (index, count)
-    shard_records: int               # records this host reads per epoch
-    skips: SkipLog                   # records that would not decode, per reason (this process only)
+    shard: tuple[int, int]  # (index, count)
+    shard_records: int  # records this host reads per epoch
+    skips: SkipLog  # records that would not decode, per reason (this process only)
     collate: Collate
 
 
@@ -211,8 +231,10 @@ def make_pipeline(source, config: PipelineConfig = PipelineConfig(), tokenizer=N
     if cfg.image_dtype not in ("float32", "uint8"):
         raise ValueError(f"image_dtype must be 'float32' or 'uint8', got {cfg.image_dtype!r}")
     if cfg.resolution < 1 or cfg.global_batch < 1:
-        raise ValueError(f"resolution and global_batch must be positive, got {cfg.resolution}, "
-                         f"{cfg.global_batch}")
+        raise ValueError(
+            f"resolution and global_batch must be positive, got {cfg.resolution}, "
+            f"{cfg.global_batch}"
+        )
     if cfg.num_epochs is not None and cfg.num_epochs < 1:
         raise ValueError(f"num_epochs must be None (forever) or >= 1, got {cfg.num_epochs}")
     count = jax.process_count() if cfg.shard_count is None else cfg.shard_count
@@ -220,40 +242,44 @@ def make_pipeline(source, config: PipelineConfig = PipelineConfig(), tokenizer=N
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard index {index} is outside 0..{count - 1} (shard_count {count})")
     if cfg.global_batch % count:
-        raise ValueError(f"global batch {cfg.global_batch} does not split over {count} hosts: "
-                         f"make it a multiple of {count}")
+        raise ValueError(
+            f"global batch {cfg.global_batch} does not split over {count} hosts: "
+            f"make it a multiple of {count}"
+        )
     n = len(source)
     if n == 0:
         raise ValueError("the data source is empty")
-    group = getattr(source, "group", 1)                # hosts get whole groups (1: records)
-    lo, hi = (group * b for b in _shard_bounds(n // group, index, count))
+    lo, hi = _shard_bounds(n, index, count)
     if hi == lo:
-        raise ValueError(f"{n} records cannot be shared by {count} hosts (each needs at least one"
-                         + (f" group of {group})" if group > 1 else ")"))
+        raise ValueError(f"{n} records cannot be shared by {count} hosts (each needs at least one)")
     if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
         tokenizer = Tokenizer(tokenizer)
 
     skips = SkipLog()
     per_host = cfg.global_batch // count
     collate = Collate(tokenizer, cfg.image_dtype)
-    array_path = (isinstance(source, ArraySource) and source.images.shape[1:3] == (cfg.resolution, cfg.resolution)
-                  and cfg.workers == 0)
-    if group > 1:
-        if not array_path:
-            raise ValueError(f"a source in groups of {group} renders needs the in-memory array path: images at "
-                             f"the pipeline's resolution ({cfg.resolution}) and workers=0")
-        if per_host % group:
-            raise ValueError(f"each host's batch ({per_host}) must hold whole groups of {group} renders")
+    array_path = (
+        isinstance(source, ArraySource)
+        and source.images.shape[1:3] == (cfg.resolution, cfg.resolution)
+        and cfg.workers == 0
+    )
     if array_path:
-        fingerprint = {"version": STATE_VERSION, "records": n, "shard": [index, count], "seed": cfg.seed,
-                       "shuffle": cfg.shuffle, "workers": 0, "path": "array"}
-        if group > 1:
-            fingerprint["group"] = group
+        fingerprint = {
+            "version": STATE_VERSION,
+            "records": n,
+            "shard": [index, count],
+            "seed": cfg.seed,
+            "shuffle": cfg.shuffle,
+            "workers": 0,
+            "path": "array",
+        }
         ds = _ArrayDataset(source, lo, hi, per_host, cfg, collate, fingerprint)
         return Pipeline(ds, per_host, (index, count), hi - lo, skips, collate)
     # Decoding is lazy, so mapping it before the shard and shuffle (index arithmetic) costs nothing
     # and lets it see each record's source index.
-    ds = grain.MapDataset.source(source).map_with_index(DecodeExample(cfg.resolution, skips, n, hi - lo).at)
+    ds = grain.MapDataset.source(source).map_with_index(
+        DecodeExample(cfg.resolution, skips, n, hi - lo).at
+    )
     ds = ds[lo:hi]
     if cfg.shuffle:
         ds = ds.shuffle(seed=_shuffle_seed(cfg.seed))
@@ -263,17 +289,31 @@ def make_pipeline(source, config: PipelineConfig = PipelineConfig(), tokenizer=N
             # grain 0.2.18's mp_prefetch reads an absl flag, which raises unless flags were parsed
             # (google/grain#1355, fixed after 0.2.18): defaults are what we want.
             flags.FLAGS.mark_as_parsed()
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=cfg.workers))
+        it = ds.to_iter_dataset(
+            grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+        ).mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
     else:
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
-                                                  prefetch_buffer_size=cfg.prefetch_examples))
+        it = ds.to_iter_dataset(
+            grain.ReadOptions(
+                num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_examples
+            )
+        )
     it = it.batch(per_host, drop_remainder=True, batch_fn=collate)
     if cfg.prefetch_batches > 0:
-        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch_batches)
-    fingerprint = {"version": STATE_VERSION, "records": n, "shard": [index, count], "seed": cfg.seed,
-                   "shuffle": cfg.shuffle, "workers": cfg.workers}
-    return Pipeline(_Fingerprinted(it, fingerprint), per_host, (index, count), hi - lo, skips, collate)
+        it = grain.experimental.ThreadPrefetchIterDataset(
+            it, prefetch_buffer_size=cfg.prefetch_batches
+        )
+    fingerprint = {
+        "version": STATE_VERSION,
+        "records": n,
+        "shard": [index, count],
+        "seed": cfg.seed,
+        "shuffle": cfg.shuffle,
+        "workers": cfg.workers,
+    }
+    return Pipeline(
+        _Fingerprinted(it, fingerprint), per_host, (index, count), hi - lo, skips, collate
+    )
 
 
 class _Fingerprinted(grain.IterDataset):
@@ -314,15 +354,21 @@ def _check_fingerprint(state, fingerprint: dict) -> None:
     saved = state.get("pipeline") if isinstance(state, dict) else None
     if saved is None or "position" not in state:
         raise ValueError("not a jaxdiff input pipeline state (no 'pipeline' / 'position' keys)")
-    diff = {k: (saved.get(k), fingerprint.get(k)) for k in {**saved, **fingerprint}
-            if saved.get(k) != fingerprint.get(k)}
+    diff = {
+        k: (saved.get(k), fingerprint.get(k))
+        for k in {**saved, **fingerprint}
+        if saved.get(k) != fingerprint.get(k)
+    }
     if diff:
         said = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"the saved data position belongs to a different pipeline ({said}); "
-                         "resume with the same data, seed and host count, or start the data afresh")
+        raise ValueError(
+            f"the saved data position belongs to a different pipeline ({said}); "
+            "resume with the same data, seed and host count, or start the data afresh"
+        )
 
 
 # --- in-memory arrays: whole batches by one gather ------------------------------------------------
+
 
 class ArraySource:
     """Decoded images in one uint8 array [N, S, S, 3] with their captions.
@@ -330,21 +376,18 @@ class ArraySource:
     A random-access source like any other (`src[i]` -> {"image", "caption"}), and `make_pipeline`
     batches it without per-example work: each batch is one gather from the array (its shuffle is
     its own, not grain's; the state is again one element index, so resuming is exact).
-
-    ``group`` > 1: records come in groups of that many consecutive ones (several renders of one caption),
-    which the pipeline keeps together: it shuffles groups, and every batch holds whole groups.
     """
 
-    def __init__(self, images: np.ndarray, captions, group: int = 1):
+    def __init__(self, images: np.ndarray, captions):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"ArraySource images must be uint8 [N, S, S, 3], got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"ArraySource images must be uint8 [N, S, S, 3], got {images.dtype} {images.shape}"
+            )
         captions = [caption_text(c) for c in captions]
         if len(captions) != len(images):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        if group < 1 or len(images) % group:
-            raise ValueError(f"ArraySource group must be >= 1 and divide the {len(images)} records, got {group}")
-        self.images, self.captions, self.group = images, captions, int(group)
+        self.images, self.captions = images, captions
 
     def __len__(self) -> int:
         return len(self.images)
@@ -354,8 +397,16 @@ class ArraySource:
 
 
 class _ArrayDataset:
-    def __init__(self, source: ArraySource, lo: int, hi: int, per_host: int, cfg: PipelineConfig,
-                 collate: Collate, fingerprint: dict):
+    def __init__(
+        self,
+        source: ArraySource,
+        lo: int,
+        hi: int,
+        per_host: int,
+        cfg: PipelineConfig,
+        collate: Collate,
+        fingerprint: dict,
+    ):
         self.source, self.lo, self.n, self.batch = source, lo, hi - lo, per_host
         self.cfg, self.collate, self.fingerprint = cfg, collate, fingerprint
 
@@ -371,7 +422,7 @@ class _ArrayIterator:
     def __init__(self, ds: _ArrayDataset):
         self.ds, self.pos, self._perms = ds, 0, {}
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="jaxdiff-array-batches")
-        self._ahead: list = []          # (position, future) of the batches read ahead, in order
+        self._ahead: list = []  # (position, future) of the batches read ahead, in order
         _LIVE.add(self)
 
     def __iter__(self):
@@ -382,22 +433,26 @@ class _ArrayIterator:
         # batches, so the cache is replaced whole (never mutated) and the local result returned.
         perm = self._perms.get(epoch)
         if perm is None:
-            g = self.ds.source.group
-            n = self.ds.n // g
-            perm = (np.random.default_rng([_shuffle_seed(self.ds.cfg.seed), epoch]).permutation(n)
-                    if self.ds.cfg.shuffle else np.arange(n))
-            if g > 1:                      # whole groups, in order within each
-                perm = (perm[:, None] * g + np.arange(g)).reshape(-1)
+            n = self.ds.n
+            perm = (
+                np.random.default_rng([_shuffle_seed(self.ds.cfg.seed), epoch]).permutation(n)
+                if self.ds.cfg.shuffle
+                else np.arange(n)
+            )
             self._perms = {**{e: p for e, p in self._perms.items() if e >= epoch - 1}, epoch: perm}
         return perm
 
     def _indices(self, pos: int) -> np.ndarray:
         epochs, offs = np.divmod(np.arange(pos, pos + self.ds.batch), self.ds.n)
-        return self.ds.lo + np.concatenate([self._perm(int(e))[offs[epochs == e]] for e in np.unique(epochs)])
+        return self.ds.lo + np.concatenate(
+            [self._perm(int(e))[offs[epochs == e]] for e in np.unique(epochs)]
+        )
 
     def _make(self, pos: int) -> dict:
         idx = self._indices(pos)
-        return self.ds.collate.from_arrays(self.ds.source.images[idx], [self.ds.source.captions[i] for i in idx])
+        return self.ds.collate.from_arrays(
+            self.ds.source.images[idx], [self.ds.source.captions[i] for i in idx]
+        )
 
     def _exhausted(self, pos: int) -> bool:
         epochs = self.ds.cfg.num_epochs
@@ -451,26 +506,25 @@ def restore_state(iterator, state: bytes | str | dict) -> None:
 
 # --- sources --------------------------------------------------------------------------------------
 
+
 def synthetic_source(n: int = 1024, resolution: int = 64, seed: int = 0) -> list[dict]:
     """In-memory decoded uint8 arrays with captions (tests and throughput)."""
     rng = np.random.default_rng(seed)
     words = ("red", "blue", "small", "large", "circle", "square", "on the left", "at the top")
-    return [{"image": rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8),
-             "caption": " ".join(rng.choice(words, 4))} for _ in range(n)]
+    return [
+        {
+            "image": rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8),
+            "caption": " ".join(rng.choice(words, 4)),
+        }
+        for _ in range(n)
+    ]
 
 
 def _shapes_chunk(args) -> tuple[np.ndarray, list[str]]:
-    """Examples ``indices`` of a split; with renders > 1 each is followed by renders - 1 other scenes of its
-    caption, scene j of example i drawn from ``default_rng([seed, split id, i, j])``."""
-    split, indices, seed, resolution, renders, canonical, shared = args
-    images, captions = [], []
-    for i in indices:
-        scene = sw.sample_scene(split, int(i), seed, canonical, shared)
-        more = [sw.scene_for_caption(scene.caption, np.random.default_rng([seed, sw.SPLITS[split], int(i), j]),
-                                     canonical) for j in range(1, renders)]
-        images += [sw.render(s, resolution) for s in (scene, *more)]
-        captions += [scene.caption] * renders
-    return np.stack(images), captions
+    """Examples ``indices`` of a split, rendered."""
+    split, indices, seed, resolution, canonical, shared = args
+    scenes = [sw.sample_scene(split, int(i), seed, canonical, shared) for i in indices]
+    return np.stack([sw.render(s, resolution) for s in scenes]), [s.caption for s in scenes]
 
 
 def kind_quotas(n: int, mix: dict[str, float]) -> dict[str, int]:
@@ -487,8 +541,10 @@ def kind_quotas(n: int, mix: dict[str, float]) -> dict[str, int]:
     share = (1 - sum(mix.values())) / len(rest) if rest else 0.0
     frac = {k: mix.get(k, share) for k in sw.KINDS}
     quotas = {k: int(n * f) for k, f in frac.items()}
-    for k in sorted(frac, key=lambda k: n * frac[k] - quotas[k], reverse=True)[:n - sum(quotas.values())]:
-        quotas[k] += 1                                   # largest remainders first
+    for k in sorted(frac, key=lambda k: n * frac[k] - quotas[k], reverse=True)[
+        : n - sum(quotas.values())
+    ]:
+        quotas[k] += 1  # largest remainders first
     return quotas
 
 
@@ -505,23 +561,17 @@ def _indices_by_kind(split: str, n: int, seed: int, mix: dict[str, float]) -> np
     return np.asarray(out, np.int64)
 
 
-def parse_kind_mix(text: str) -> dict[str, float]:
-    """`relation=0.5,count=0.25` -> {"relation": 0.5, "count": 0.25}."""
-    mix = {}
-    for part in filter(None, text.split(",")):
-        kind, _, value = part.partition("=")           # no "=": value "" fails float() below
-        try:
-            mix[kind.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"{text!r}: expected KIND=FRACTION[,KIND=FRACTION...], "
-                             f"for example relation=0.5,count=0.25") from None
-    return mix
-
-
-def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed: int = 0,
-                        workers: int | None = None, progress: bool = True,
-                        kinds: dict[str, float] | None = None, renders: int = 1,
-                        canonical: bool = False, shared: float = 0.0) -> ArraySource:
+def shapes_world_memory(
+    n: int,
+    resolution: int = 64,
+    split: str = "train",
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+    kinds: dict[str, float] | None = None,
+    canonical: bool = False,
+    shared: float = 0.0,
+) -> ArraySource:
     """Examples 0..n-1 of a shapes_world split rendered into memory, in processes: no TFDS build needed.
 
     Record i equals record i of a TFDS build with the same seed (`jaxdiff data build`), whose default
@@ -530,11 +580,6 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
     `kinds` ({"relation": 0.5, ...}) changes the mix of scene kinds (equal by default): the source holds
     the split's first examples of each kind, in index order, up to the kind's share of n (kinds not
     named share the rest equally), so record i is no longer example i.
-
-    `renders` > 1: n / renders captions (chosen as above), each rendered `renders` times (the example's
-    own scene, then other scenes of its caption: `shapes_world.scene_for_caption`), as one group of
-    consecutive records that the pipeline keeps in one batch (`ArraySource.group`): what the stable
-    target field (`ldm.stable_target`) averages over.
 
     `canonical`: relation scenes drawn in their canonical layout (`A above B`: A in the top row, B in
     the bottom one; `shapes_world.sample_scene`), still true to their captions: what the relation
@@ -547,19 +592,20 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
 
     if n < 1:
         raise ValueError(f"shapes_world_memory needs n >= 1 examples, got {n}")
-    if renders < 1 or n % renders:
-        raise ValueError(f"shapes_world_memory: renders must be >= 1 and divide n = {n}, got {renders}")
     if split not in sw.SPLITS or resolution not in sw.RESOLUTIONS:
-        raise ValueError(f"split must be one of {sorted(sw.SPLITS)} and resolution one of {sw.RESOLUTIONS}, "
-                         f"got {split!r}, {resolution}")
+        raise ValueError(
+            f"split must be one of {sorted(sw.SPLITS)} and resolution one of {sw.RESOLUTIONS}, "
+            f"got {split!r}, {resolution}"
+        )
     if not 0 <= shared <= 1:
         raise ValueError(f"shapes_world_memory: shared must lie in [0, 1], got {shared}")
     workers = workers or max(1, min(32, (os.cpu_count() or 1) - 1))
-    captions_n = n // renders
-    indices = _indices_by_kind(split, captions_n, seed, kinds) if kinds else np.arange(captions_n)
-    step = max(1, min(2000 // renders, -(-captions_n // (4 * workers))))
-    chunks = [(split, indices[lo:lo + step], seed, resolution, renders, canonical, shared)
-              for lo in range(0, captions_n, step)]
+    indices = _indices_by_kind(split, n, seed, kinds) if kinds else np.arange(n)
+    step = max(1, min(2000, -(-n // (4 * workers))))
+    chunks = [
+        (split, indices[lo : lo + step], seed, resolution, canonical, shared)
+        for lo in range(0, n, step)
+    ]
     images = np.empty((n, resolution, resolution, 3), np.uint8)
     captions: list[str] = []
     bar = None
@@ -567,7 +613,7 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
         bar = tqdm(total=n, desc=f"rendering shapes_world/{split} at {resolution} px", unit="ex")
 
     def take(chunk_images, chunk_captions):
-        images[len(captions):len(captions) + len(chunk_captions)] = chunk_images
+        images[len(captions) : len(captions) + len(chunk_captions)] = chunk_images
         captions.extend(chunk_captions)
         if bar is not None:
             bar.update(len(chunk_captions))
@@ -584,79 +630,71 @@ def shapes_world_memory(n: int, resolution: int = 64, split: str = "train", seed
             take(*_shapes_chunk(chunk))
     if bar is not None:
         bar.close()
-    return ArraySource(images, captions, group=renders)
+    return ArraySource(images, captions)
 
 
-def _renders(spec: str, kinds: dict) -> int:
-    """Pops `renders` (default 1) from a shapes_world_memory spec's parsed mix: a whole number."""
-    renders = kinds.pop("renders", 1)
-    if renders != int(renders):
-        raise ValueError(f"{spec!r}: renders must be a whole number, got {renders}")
-    return int(renders)
-
-
-def _canonical(spec: str, kinds: dict) -> bool:
-    """Pops `canonical` (default 0) from a shapes_world_memory spec's parsed mix: 0 or 1."""
-    canonical = kinds.pop("canonical", 0)
-    if canonical not in (0, 1):
-        raise ValueError(f"{spec!r}: canonical must be 0 or 1, got {canonical}")
-    return bool(canonical)
-
-
-def _shared(spec: str, kinds: dict) -> float:
-    """Pops `shared` (default 0) from a shapes_world_memory spec's parsed mix: a fraction in [0, 1]."""
-    shared = kinds.pop("shared", 0.0)
-    if not 0 <= shared <= 1:
-        raise ValueError(f"{spec!r}: shared must lie in [0, 1], got {shared}")
-    return shared
-
-
-def renders_per_caption(spec: str) -> int:
-    """How many renders of each caption the source `spec` holds together (1 unless
-    `shapes_world_memory:N:...,renders=K`); read from the spec, without opening the source."""
-    kind, _, arg = spec.partition(":")
-    mix = arg.partition(":")[2]
-    return _renders(spec, parse_kind_mix(mix)) if kind == "shapes_world_memory" and mix else 1
-
-
-def open_source(spec: str, resolution: int = 64, split: str = "train"):
+def open_source(
+    spec: str,
+    resolution: int = 64,
+    split: str = "train",
+    *,
+    kinds: Mapping[str, float] | None = None,
+    canonical: bool = False,
+    shared: float = 0.0,
+):
     """`folder:DIR` | `shapes_world:DATA_DIR` (the TFDS build at `resolution`) | `shapes_world_memory:N`
-    (the split's first N examples rendered into memory; no build) | `shapes_world_memory:N:relation=0.5,...`
-    (N examples with that mix of scene kinds; `,renders=K` or `:renders=K`: N / K captions rendered K times
-    each, kept together in batches; `,canonical=1`: relation scenes in their canonical layout; `,shared=F`:
-    that fraction of relation scenes with B sharing A's colour or shape) |
-    `synthetic[:N]`."""
+    (the split's first N examples rendered into memory; no build) | `synthetic[:N]`.
+
+    `kinds`, `canonical` and `shared` shape a `shapes_world_memory` source (see `shapes_world_memory`;
+    a training config's `data.shapes`); other sources refuse them."""
     kind, _, arg = spec.partition(":")
+    if kind != "shapes_world_memory" and (kinds or canonical or shared):
+        raise ValueError(
+            f"{spec!r}: kinds, canonical and shared (data.shapes) shape rendered shapes-world sources "
+            "(shapes_world_memory:N) only"
+        )
     if kind == "folder" and arg:
         return open_folder(arg)
     if kind == "shapes_world" and arg:
-
-        import tensorflow_datasets as tfds
-
-        import jaxdiff.data.shapes_tfds  # noqa: F401  (registers the builder)
         built = Path(arg).expanduser() / "shapes_world" / str(resolution)
         if not built.is_dir():
-            raise FileNotFoundError(f"{built}: no shapes_world build at {resolution} px under {arg} "
-                                    f"(build it first: see docs/input_pipeline.md)")
-        return tfds.data_source(f"shapes_world/{resolution}", split=split, data_dir=str(Path(arg).expanduser()))
+            raise FileNotFoundError(
+                f"{built}: no shapes_world build at {resolution} px under {arg} "
+                f"(build it first: see docs/input_pipeline.md)"
+            )
+        return tfds.data_source(
+            f"shapes_world/{resolution}", split=split, data_dir=str(Path(arg).expanduser())
+        )
     if kind == "shapes_world_memory":
-        count, _, mix = arg.partition(":")
+        if ":" in arg:
+            raise ValueError(
+                f"{spec!r}: a source names only the examples (shapes_world_memory:N); the scene mix, "
+                "canonical layouts and shared pairs are data.shapes.kinds, .canonical and .shared"
+            )
         try:
-            n = int(count.replace("_", ""))
+            n = int(arg.replace("_", ""))
         except ValueError:
-            raise ValueError(f"{spec!r}: expected shapes_world_memory:N[:KIND=FRACTION,...][,renders=K][,canonical=1]"
-                             "[,shared=F] with N a number of examples") from None
-        kinds = parse_kind_mix(mix) if mix else {}
-        renders, canonical, shared = _renders(spec, kinds), _canonical(spec, kinds), _shared(spec, kinds)
-        return shapes_world_memory(n, resolution, split, kinds=kinds or None, renders=renders, canonical=canonical,
-                                   shared=shared)
+            raise ValueError(
+                f"{spec!r}: expected shapes_world_memory:N with N a number of examples"
+            ) from None
+        return shapes_world_memory(
+            n,
+            resolution,
+            split,
+            kinds=dict(kinds or {}) or None,
+            canonical=canonical,
+            shared=shared,
+        )
     if kind == "synthetic":
         return synthetic_source(int(arg) if arg else 1024, resolution)
-    raise ValueError(f"unknown source {spec!r}: expected folder:DIR, shapes_world:DATA_DIR, shapes_world_memory:N "
-                     "or synthetic[:N]")
+    raise ValueError(
+        f"unknown source {spec!r}: expected folder:DIR, shapes_world:DATA_DIR, shapes_world_memory:N "
+        "or synthetic[:N]"
+    )
 
 
 # --- host batch -> global arrays ------------------------------------------------------------------
+
 
 def batch_sharding(mesh, rules=None):
     """NamedSharding of a batch's leading axis, from the BATCH rule of `rules` (default data parallel)."""
@@ -681,7 +719,11 @@ def to_global(batch: dict[str, Any], mesh, rules=None) -> dict:
             continue
         global_rows = value.shape[0] * jax.process_count()
         if global_rows % split:
-            raise ValueError(f"global batch {global_rows} does not split over the mesh's batch axes "
-                             f"{axes} ({split} ways): make the global batch a multiple of {split}")
-        out[key] = jax.make_array_from_process_local_data(sharding, value, (global_rows,) + value.shape[1:])
+            raise ValueError(
+                f"global batch {global_rows} does not split over the mesh's batch axes "
+                f"{axes} ({split} ways): make the global batch a multiple of {split}"
+            )
+        out[key] = jax.make_array_from_process_local_data(
+            sharding, value, (global_rows,) + value.shape[1:]
+        )
     return out

@@ -8,6 +8,7 @@
 Records are stored in index order (`disable_shuffling`), so record i of a split is example i of
 `shapes_world.example(split, i, seed)`; the input pipeline shuffles. Captions come back as bytes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,19 +29,26 @@ class ShapesWorldConfig(tfds.core.BuilderConfig):
 
 def _features(resolution):
     t, n = tfds.features.Tensor, sw.MAX_OBJECTS
-    return tfds.features.FeaturesDict({
-        "image": t(shape=(resolution, resolution, 3), dtype=np.uint8, encoding="zlib"),
-        "caption": t(shape=(), dtype=np.str_),
-        "index": t(shape=(), dtype=np.int64),
-        "kind": t(shape=(), dtype=np.int32),          # index into shapes_world.KINDS
-        "background": t(shape=(), dtype=np.int32),    # index into BACKGROUNDS
-        "relation": t(shape=(), dtype=np.int32),      # index into RELATIONS, -1 if not a relation scene
-        "num_objects": t(shape=(), dtype=np.int32),
-        # Per object, padded to MAX_OBJECTS with -1 (indices) or 0 (geometry, units of S).
-        "colour": t(shape=(n,), dtype=np.int32), "shape": t(shape=(n,), dtype=np.int32),
-        "size": t(shape=(n,), dtype=np.int32), "cell": t(shape=(n,), dtype=np.int32),
-        "centre": t(shape=(n, 2), dtype=np.float32), "extent": t(shape=(n,), dtype=np.float32),
-    })
+    return tfds.features.FeaturesDict(
+        {
+            "image": t(shape=(resolution, resolution, 3), dtype=np.uint8, encoding="zlib"),
+            "caption": t(shape=(), dtype=np.str_),
+            "index": t(shape=(), dtype=np.int64),
+            "kind": t(shape=(), dtype=np.int32),  # index into shapes_world.KINDS
+            "background": t(shape=(), dtype=np.int32),  # index into BACKGROUNDS
+            "relation": t(
+                shape=(), dtype=np.int32
+            ),  # index into RELATIONS, -1 if not a relation scene
+            "num_objects": t(shape=(), dtype=np.int32),
+            # Per object, padded to MAX_OBJECTS with -1 (indices) or 0 (geometry, units of S).
+            "colour": t(shape=(n,), dtype=np.int32),
+            "shape": t(shape=(n,), dtype=np.int32),
+            "size": t(shape=(n,), dtype=np.int32),
+            "cell": t(shape=(n,), dtype=np.int32),
+            "centre": t(shape=(n, 2), dtype=np.float32),
+            "extent": t(shape=(n,), dtype=np.float32),
+        }
+    )
 
 
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
@@ -48,8 +56,10 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "shapes world v1"}
-    BUILDER_CONFIGS = [ShapesWorldConfig(name=str(r), resolution=r, description=f"{r} x {r} px")
-                       for r in sw.RESOLUTIONS]
+    BUILDER_CONFIGS = [
+        ShapesWorldConfig(name=str(r), resolution=r, description=f"{r} x {r} px")
+        for r in sw.RESOLUTIONS
+    ]
     DEFAULT_CONFIG_NAME = "64"
 
     @tfds.core.utils.classproperty
@@ -64,11 +74,15 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
         sizes (`info.splits`) and seed (`info.metadata["seed"]`)."""
         unknown = set(split_sizes or {}) - set(sw.SPLITS)
         if unknown:
-            raise ValueError(f"unknown splits {sorted(unknown)}: expected some of {sorted(sw.SPLITS)}")
+            raise ValueError(
+                f"unknown splits {sorted(unknown)}: expected some of {sorted(sw.SPLITS)}"
+            )
         self._sizes = {**DEFAULT_SPLIT_SIZES, **(split_sizes or {})}
         if any(n < 0 for n in self._sizes.values()) or not any(self._sizes.values()) or seed < 0:
-            raise ValueError(f"split sizes and seed must be >= 0 with one split non-empty, got "
-                             f"{self._sizes}, seed={seed}")
+            raise ValueError(
+                f"split sizes and seed must be >= 0 with one split non-empty, got "
+                f"{self._sizes}, seed={seed}"
+            )
         self._seed = seed
         super().__init__(**kwargs)
 
@@ -76,13 +90,20 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Procedural captioned shapes (../shared/shapes_world.md): every caption has a "
-                        "checkable meaning. Labels index the vocabularies in metadata.",
+            "checkable meaning. Labels index the vocabularies in metadata.",
             features=_features(self.builder_config.resolution),
             disable_shuffling=True,  # record i is example i; the input pipeline shuffles
             metadata=tfds.core.MetadataDict(
-                seed=self._seed, spec="shapes_world v1", kinds=list(sw.KINDS),
-                backgrounds=list(sw.BACKGROUNDS), colours=list(sw.COLOURS), shapes=list(sw.SHAPES),
-                sizes=list(sw.SIZES), cells=list(sw.CELLS), relations=list(sw.RELATIONS)),
+                seed=self._seed,
+                spec="shapes_world v1",
+                kinds=list(sw.KINDS),
+                backgrounds=list(sw.BACKGROUNDS),
+                colours=list(sw.COLOURS),
+                shapes=list(sw.SHAPES),
+                sizes=list(sw.SIZES),
+                cells=list(sw.CELLS),
+                relations=list(sw.RELATIONS),
+            ),
         )
 
     def _split_generators(self, dl_manager):
@@ -95,8 +116,13 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
             yield i, {"index": np.int64(i), **sw.example(split, i, self._seed, res)}
 
 
-def prepare(data_dir, resolution: int = 64, split_sizes: dict | None = None, seed: int = 0,
-            overwrite: bool = False) -> ShapesWorld:
+def prepare(
+    data_dir,
+    resolution: int = 64,
+    split_sizes: dict | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> ShapesWorld:
     """Build (or find already built) `shapes_world/<resolution>` under data_dir; array_record files.
 
     An existing build with other split sizes or another seed is an error unless overwrite. TFDS
@@ -104,7 +130,9 @@ def prepare(data_dir, resolution: int = 64, split_sizes: dict | None = None, see
     """
     if resolution not in sw.RESOLUTIONS:
         raise ValueError(f"resolution {resolution}: expected one of {sw.RESOLUTIONS}")
-    builder = ShapesWorld(config=str(resolution), data_dir=str(data_dir), split_sizes=split_sizes, seed=seed)
+    builder = ShapesWorld(
+        config=str(resolution), data_dir=str(data_dir), split_sizes=split_sizes, seed=seed
+    )
     if builder.is_prepared():
         want = {s: n for s, n in builder._sizes.items() if n > 0}
         have = {s: builder.info.splits[s].num_examples for s in builder.info.splits}
@@ -112,11 +140,14 @@ def prepare(data_dir, resolution: int = 64, split_sizes: dict | None = None, see
         if want == have and have_seed == seed:
             return builder
         if not overwrite:
-            raise FileExistsError(f"{builder.data_dir} holds a build with splits {have} and seed "
-                                  f"{have_seed}, not {want} and seed {seed}: pass overwrite=True "
-                                  "(--overwrite) or another data dir")
+            raise FileExistsError(
+                f"{builder.data_dir} holds a build with splits {have} and seed "
+                f"{have_seed}, not {want} and seed {seed}: pass overwrite=True "
+                "(--overwrite) or another data dir"
+            )
         epath.Path(builder.data_dir).rmtree()
-        builder = ShapesWorld(config=str(resolution), data_dir=str(data_dir), split_sizes=split_sizes,
-                              seed=seed)
+        builder = ShapesWorld(
+            config=str(resolution), data_dir=str(data_dir), split_sizes=split_sizes, seed=seed
+        )
     builder.download_and_prepare(file_format="array_record")
     return builder

@@ -5,6 +5,7 @@ from `np.random.default_rng([seed, split_id, index]).random()` (PCG64 doubles, a
 stable), and the renderer uses only +, -, * and comparisons (the star's trigonometry is written
 out as literals), so every machine produces the same bytes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,40 +15,83 @@ import numpy as np
 # ---- The world (spec: Canvas, Objects) ----------------------------------------------------------
 BACKGROUNDS = {"black": (0, 0, 0), "gray": (128, 128, 128), "white": (255, 255, 255)}
 COLOURS = {
-    "red": (230, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 180, 70),
-    "cyan": (40, 200, 220), "blue": (40, 80, 230), "purple": (150, 60, 210), "pink": (245, 130, 200),
+    "red": (230, 40, 40),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 180, 70),
+    "cyan": (40, 200, 220),
+    "blue": (40, 80, 230),
+    "purple": (150, 60, 210),
+    "pink": (245, 130, 200),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
-SIZES = {"small": 0.18, "large": 0.30}          # extent e in units of S, before the +-5 % jitter
-SIZE_THRESHOLD = 0.24                             # scoring: small below, large at or above (units of S)
-CELL_CENTRES = (0.2, 0.5, 0.8)                    # per axis, units of S; cell = 3 * row + column
-BANDS = (0.35, 0.65)                              # reading a centroid back into a column / row
-CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-POSITION_PHRASES = ("in the top left", "at the top", "in the top right", "on the left", "in the center",
-                    "on the right", "in the bottom left", "at the bottom", "in the bottom right")
+SIZES = {"small": 0.18, "large": 0.30}  # extent e in units of S, before the +-5 % jitter
+SIZE_THRESHOLD = 0.24  # scoring: small below, large at or above (units of S)
+CELL_CENTRES = (0.2, 0.5, 0.8)  # per axis, units of S; cell = 3 * row + column
+BANDS = (0.35, 0.65)  # reading a centroid back into a column / row
+CELLS = (
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
+POSITION_PHRASES = (
+    "in the top left",
+    "at the top",
+    "in the top right",
+    "on the left",
+    "in the center",
+    "on the right",
+    "in the bottom left",
+    "at the bottom",
+    "in the bottom right",
+)
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 KINDS = ("single", "relation", "count", "background")
 COUNT_WORDS = {"two": 2, "three": 3}
-HELDOUT_PAIRS = frozenset({("red", "star"), ("orange", "circle"), ("yellow", "cross"),
-                           ("green", "diamond"), ("cyan", "triangle"), ("blue", "square"),
-                           ("purple", "cross"), ("pink", "triangle")})
+HELDOUT_PAIRS = frozenset(
+    {
+        ("red", "star"),
+        ("orange", "circle"),
+        ("yellow", "cross"),
+        ("green", "diamond"),
+        ("cyan", "triangle"),
+        ("blue", "square"),
+        ("purple", "cross"),
+        ("pink", "triangle"),
+    }
+)
 ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
-SEEN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELDOUT_PAIRS)     # the 40 pairs of train/validation
-UNSEEN_PAIRS = tuple(p for p in ALL_PAIRS if p in HELDOUT_PAIRS)       # the 8 held-out pairs
+SEEN_PAIRS = tuple(
+    p for p in ALL_PAIRS if p not in HELDOUT_PAIRS
+)  # the 40 pairs of train/validation
+UNSEEN_PAIRS = tuple(p for p in ALL_PAIRS if p in HELDOUT_PAIRS)  # the 8 held-out pairs
 SPLITS = {"train": 0, "validation": 1, "heldout": 2}
 MAX_OBJECTS = 3
 RESOLUTIONS = (32, 64, 128)
 
 # Area of each shape as a fraction of e^2, and the offset of its centroid below the box centre
 # (as a fraction of e): the scorer uses these to read extent and centre back from pixels.
-SHAPE_AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5,
-              "star": 5 * 0.5 * 0.2 * 0.5877852522924731, "cross": 5 / 9}
+SHAPE_AREA = {
+    "circle": np.pi / 4,
+    "square": 1.0,
+    "triangle": 0.5,
+    "diamond": 0.5,
+    "star": 5 * 0.5 * 0.2 * 0.5877852522924731,
+    "cross": 5 / 9,
+}
 SHAPE_CENTROID_DY = {"triangle": 1 / 6}
 
 
 @dataclasses.dataclass(frozen=True)
 class Object:
     """One drawn object; `centre` (x, y) and `extent` are in units of the image side S."""
+
     colour: str
     shape: str
     size: str
@@ -93,8 +137,17 @@ def plural(shape):
 
 def vocabulary() -> tuple[str, ...]:
     """Every word a caption can use, sorted (what a shapes-world tokenizer must know)."""
-    phrases = (*SIZES, *COLOURS, *SHAPES, *map(plural, SHAPES), *POSITION_PHRASES, *RELATIONS, *COUNT_WORDS,
-               *BACKGROUNDS, "a an on background")
+    phrases = (
+        *SIZES,
+        *COLOURS,
+        *SHAPES,
+        *map(plural, SHAPES),
+        *POSITION_PHRASES,
+        *RELATIONS,
+        *COUNT_WORDS,
+        *BACKGROUNDS,
+        "a an on background",
+    )
     return tuple(sorted({w for p in phrases for w in p.split()}))
 
 
@@ -113,12 +166,14 @@ def _relation_cells(rng, relation, canonical=False):
         lo, hi = _pick(rng, ((0, 1), (0, 2), (1, 2)))
     first, second = (lo, hi) if relation in ("to the left of", "above") else (hi, lo)
     other_a, other_b = _pick(rng, (0, 1, 2)), _pick(rng, (0, 1, 2))
-    if relation in ("to the left of", "to the right of"):           # cell = 3 * row + column
+    if relation in ("to the left of", "to the right of"):  # cell = 3 * row + column
         return 3 * other_a + first, 3 * other_b + second
     return 3 * first + other_a, 3 * second + other_b
 
 
-def sample_scene(split: str, index: int, seed: int = 0, canonical: bool = False, shared: float = 0.0) -> Scene:
+def sample_scene(
+    split: str, index: int, seed: int = 0, canonical: bool = False, shared: float = 0.0
+) -> Scene:
     """The scene (labels and caption) of example `index` of `split`; a pure function of its arguments.
 
     ``canonical``: relation scenes in their canonical layout (`_relation_cells`), an option for training
@@ -161,8 +216,11 @@ def sample_scene(split: str, index: int, seed: int = 0, canonical: bool = False,
         if shared and rng.random() < shared:
             while True:
                 b = _pick(rng, ALL_PAIRS if heldout else pairs)
-                if b != a and (b[0] == a[0] or b[1] == a[1]) and (
-                        not heldout or a in HELDOUT_PAIRS or b in HELDOUT_PAIRS):
+                if (
+                    b != a
+                    and (b[0] == a[0] or b[1] == a[1])
+                    and (not heldout or a in HELDOUT_PAIRS or b in HELDOUT_PAIRS)
+                ):
                     break
         relation = _pick(rng, RELATIONS)
         cell_a, cell_b = _relation_cells(rng, relation, canonical)
@@ -179,26 +237,6 @@ def sample_scene(split: str, index: int, seed: int = 0, canonical: bool = False,
     return Scene(kind, background, objs, f"{word} {colour} {plural(shape)}")
 
 
-def scene_for_caption(caption: str, rng, canonical: bool = False) -> Scene:
-    """Another scene that ``caption`` describes: what the caption leaves open (cells, sizes, background,
-    jitter) drawn as `sample_scene` draws it, from ``rng`` (a numpy Generator). Training with several
-    renders per caption (`jaxdiff.data.pipeline.shapes_world_memory`'s ``renders``) uses it. ``canonical``:
-    as in `sample_scene`."""
-    p = parse_caption(caption)
-    background = p.background or _pick(rng, tuple(BACKGROUNDS))
-    if p.kind == "relation":
-        cells = _relation_cells(rng, p.relation, canonical)
-        objs = tuple(_object(rng, o.colour, o.shape, "small", c) for o, c in zip(p.objects, cells))
-        return Scene("relation", background, objs, p.text, p.relation)
-    o = p.objects[0]
-    if p.kind == "count":
-        free = list(range(9))
-        cells = [free.pop(min(int(rng.random() * len(free)), len(free) - 1)) for _ in range(p.count)]
-        return Scene("count", background, tuple(_object(rng, o.colour, o.shape, "small", c) for c in cells), p.text)
-    size = o.size or _pick(rng, tuple(SIZES))
-    cell = o.cell if o.cell is not None else _pick(rng, range(9))
-    return Scene(p.kind, background, (_object(rng, o.colour, o.shape, size, cell),), p.text)
-
 def labels(scene: Scene) -> dict:
     """The structured labels as fixed-size arrays (objects padded to MAX_OBJECTS with -1 / 0)."""
     n = len(scene.objects)
@@ -207,9 +245,12 @@ def labels(scene: Scene) -> dict:
         "background": np.int32(list(BACKGROUNDS).index(scene.background)),
         "relation": np.int32(RELATIONS.index(scene.relation) if scene.relation else -1),
         "num_objects": np.int32(n),
-        "colour": np.full(MAX_OBJECTS, -1, np.int32), "shape": np.full(MAX_OBJECTS, -1, np.int32),
-        "size": np.full(MAX_OBJECTS, -1, np.int32), "cell": np.full(MAX_OBJECTS, -1, np.int32),
-        "centre": np.zeros((MAX_OBJECTS, 2), np.float32), "extent": np.zeros(MAX_OBJECTS, np.float32),
+        "colour": np.full(MAX_OBJECTS, -1, np.int32),
+        "shape": np.full(MAX_OBJECTS, -1, np.int32),
+        "size": np.full(MAX_OBJECTS, -1, np.int32),
+        "cell": np.full(MAX_OBJECTS, -1, np.int32),
+        "centre": np.zeros((MAX_OBJECTS, 2), np.float32),
+        "extent": np.zeros(MAX_OBJECTS, np.float32),
     }
     for i, o in enumerate(scene.objects):
         out["colour"][i] = list(COLOURS).index(o.colour)
@@ -230,10 +271,17 @@ def example(split: str, index: int, seed: int = 0, resolution: int = 64) -> dict
 # ---- Rendering ----------------------------------------------------------------------------------
 # Unit star (outer radius 1, y down, one point straight up); inner radius 0.4. Written as literals
 # so that no platform's sin/cos can change a pixel.
-_S72, _C72, _S36, _C36 = 0.9510565162951535, 0.30901699437494745, 0.5877852522924731, 0.8090169943749475
+_S72, _C72, _S36, _C36 = (
+    0.9510565162951535,
+    0.30901699437494745,
+    0.5877852522924731,
+    0.8090169943749475,
+)
 _STAR_OUTER = ((0.0, -1.0), (_S72, -_C72), (_S36, _C36), (-_S36, _C36), (-_S72, -_C72))
-_STAR_INNER = tuple((0.4 * x, 0.4 * y) for x, y in
-                    ((_S36, -_C36), (_S72, _C72), (0.0, 1.0), (-_S72, _C72), (-_S36, -_C36)))
+_STAR_INNER = tuple(
+    (0.4 * x, 0.4 * y)
+    for x, y in ((_S36, -_C36), (_S72, _C72), (0.0, 1.0), (-_S72, _C72), (-_S36, -_C36))
+)
 
 
 def _in_convex(x, y, poly):
@@ -252,14 +300,14 @@ def inside(shape: str, x, y, e):
         return x * x + y * y <= h * h
     if shape == "square":
         return (np.abs(x) <= h) & (np.abs(y) <= h)
-    if shape == "triangle":   # apex at top centre, base along the bottom edge
+    if shape == "triangle":  # apex at top centre, base along the bottom edge
         return (y <= h) & (2 * np.abs(x) <= y + h)
     if shape == "diamond":
         return np.abs(x) + np.abs(y) <= h
-    if shape == "cross":      # arms e/3 wide spanning the whole box
+    if shape == "cross":  # arms e/3 wide spanning the whole box
         ax, ay = np.abs(x), np.abs(y)
         return ((ax <= e / 6) & (ay <= h)) | ((ay <= e / 6) & (ax <= h))
-    if shape == "star":       # inner pentagon plus five spike triangles
+    if shape == "star":  # inner pentagon plus five spike triangles
         outer = [(h * px, h * py) for px, py in _STAR_OUTER]
         inner = [(h * px, h * py) for px, py in _STAR_INNER]
         mask = _in_convex(x, y, inner)
@@ -269,7 +317,9 @@ def inside(shape: str, x, y, e):
     raise ValueError(f"unknown shape {shape!r}: expected one of {SHAPES}")
 
 
-def coverage(shape: str, cx: float, cy: float, e: float, x0: int, y0: int, w: int, h: int, ss: int = 4):
+def coverage(
+    shape: str, cx: float, cy: float, e: float, x0: int, y0: int, w: int, h: int, ss: int = 4
+):
     """Fraction of ss x ss subsamples inside `shape`, float64 [h, w], for output pixels
     [y0, y0 + h) x [x0, x0 + w); centre and extent in output-pixel units."""
     sub = (np.arange(w * ss) + 0.5) / ss
@@ -282,7 +332,9 @@ def coverage(shape: str, cx: float, cy: float, e: float, x0: int, y0: int, w: in
 def render(scene: Scene, size: int = 64, ss: int = 4) -> np.ndarray:
     """uint8 [S, S, 3]; anti-aliased by `ss` x `ss` supersampling and box downscaling."""
     if size not in RESOLUTIONS:
-        raise ValueError(f"resolution {size} is not a shapes-world size: expected one of {RESOLUTIONS}")
+        raise ValueError(
+            f"resolution {size} is not a shapes-world size: expected one of {RESOLUTIONS}"
+        )
     img = np.empty((size, size, 3), np.uint8)
     bg = np.array(BACKGROUNDS[scene.background], np.float64)
     img[:] = bg.astype(np.uint8)
@@ -301,6 +353,7 @@ def render(scene: Scene, size: int = 64, ss: int = 4) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Wanted:
     """An object a caption asks for; size / cell are None when the caption does not name them."""
+
     colour: str
     shape: str
     size: str | None = None
@@ -310,6 +363,7 @@ class Wanted:
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """What a caption requires. Relation: objects (A, B); count: one object and `count`."""
+
     text: str
     kind: str
     objects: tuple[Wanted, ...]
@@ -323,10 +377,12 @@ class _Words:
         self.text, self.words, self.i = text, text.split(" "), 0
 
     def error(self, expected):
-        rest = " ".join(self.words[self.i:])
+        rest = " ".join(self.words[self.i :])
         got = f"{rest!r}" if rest else "the end of the caption"
-        return ValueError(f"caption {self.text!r} is outside the shapes-world grammar: expected "
-                          f"{expected} at word {self.i + 1}, got {got}")
+        return ValueError(
+            f"caption {self.text!r} is outside the shapes-world grammar: expected "
+            f"{expected} at word {self.i + 1}, got {got}"
+        )
 
     def at_end(self):
         return self.i == len(self.words)
@@ -336,7 +392,7 @@ class _Words:
         best = None
         for k, p in enumerate(phrases):
             n = len(p.split(" "))
-            if self.words[self.i:self.i + n] == p.split(" ") and (best is None or n > best[1]):
+            if self.words[self.i : self.i + n] == p.split(" ") and (best is None or n > best[1]):
                 best = (k, n)
         if best is None:
             if required:
@@ -373,8 +429,10 @@ def parse_caption(text: str) -> Prompt:
         raise ValueError(f"caption must be a string, got {type(text).__name__}: {text!r}")
     text = text.strip()
     if not text or text != text.lower() or "  " in text or text.endswith("."):
-        raise ValueError(f"caption {text!r} is outside the shapes-world grammar: captions are non-empty, "
-                         "lower case, single-spaced, with no final full stop")
+        raise ValueError(
+            f"caption {text!r} is outside the shapes-world grammar: captions are non-empty, "
+            "lower case, single-spaced, with no final full stop"
+        )
     w = _Words(text)
     bg_phrases = tuple(f"on a {b} background" for b in BACKGROUNDS)
     if w.words[0] not in COUNT_WORDS and w.words[0] not in ("a", "an"):
@@ -383,8 +441,12 @@ def parse_caption(text: str) -> Prompt:
         n = COUNT_WORDS[w.words[0]]
         w.i = 1
         colour = list(COLOURS)[w.take(tuple(COLOURS), "a colour, " + _listing(COLOURS))]
-        shape = SHAPES[w.take(tuple(plural(s) for s in SHAPES), "a plural shape, "
-                              + _listing([plural(s) for s in SHAPES]))]
+        shape = SHAPES[
+            w.take(
+                tuple(plural(s) for s in SHAPES),
+                "a plural shape, " + _listing([plural(s) for s in SHAPES]),
+            )
+        ]
         if not w.at_end():
             raise w.error("the end of the caption")
         return Prompt(text, "count", (Wanted(colour, shape),), count=n)
@@ -400,13 +462,23 @@ def parse_caption(text: str) -> Prompt:
         b = _parse_object(w, allow_size=False)
         if not w.at_end():
             raise w.error("the end of the caption")
-        return Prompt(text, "relation", (Wanted(colour, shape), Wanted(*b[:2])), relation=RELATIONS[relation])
+        return Prompt(
+            text, "relation", (Wanted(colour, shape), Wanted(*b[:2])), relation=RELATIONS[relation]
+        )
     cell = w.take(POSITION_PHRASES, "", required=False)
     if w.at_end():
         return Prompt(text, "single", (Wanted(colour, shape, size, cell),))
-    bg = w.take(bg_phrases, ("a position, relation or background phrase: "
-                             + _listing(POSITION_PHRASES + RELATIONS + bg_phrases)) if cell is None
-                else "a background phrase (" + _listing(bg_phrases) + ") or the end of the caption")
+    bg = w.take(
+        bg_phrases,
+        (
+            "a position, relation or background phrase: "
+            + _listing(POSITION_PHRASES + RELATIONS + bg_phrases)
+        )
+        if cell is None
+        else "a background phrase (" + _listing(bg_phrases) + ") or the end of the caption",
+    )
     if not w.at_end():
         raise w.error("the end of the caption")
-    return Prompt(text, "background", (Wanted(colour, shape, size, cell),), background=list(BACKGROUNDS)[bg])
+    return Prompt(
+        text, "background", (Wanted(colour, shape, size, cell),), background=list(BACKGROUNDS)[bg]
+    )

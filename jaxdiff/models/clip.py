@@ -102,7 +102,7 @@ PRESETS = {
         ),
         projection_dim=16,
     ),
-    # the shapes world (configs/clip_shapes.py): 64 px, the 644-token shapes tokenizer
+    # the shapes world (configs/shapes_sd/clip.py): 64 px, the 644-token shapes tokenizer
     # (tokenizer.write_small_clip_tokenizer(shapes_world.vocabulary())), 20-token captions
     "shapes": CLIPConfig(
         text=TextConfig(

@@ -105,7 +105,6 @@ class Attention(nn.Module):
     upcast: bool = False
     group_norm_groups: int | None = None  # VAE mid-block attention: GroupNorm in, residual out
     norm_eps: float = 1e-6
-    out_scale: float = 1.0  # to_out's init scale (0: a zero-initialised residual branch)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -128,9 +127,7 @@ class Attention(nn.Module):
         )  # [B, T, N, H]
         out = dot_product_attention(split(q), split(k), split(v), upcast=self.upcast)
         out = out.reshape(out.shape[0], out.shape[1], inner)
-        out = dense(
-            width, (sh.HEADS, sh.EMBED), kernel_scale=self.out_scale, name="to_out_0", **kw
-        )(out)
+        out = dense(width, (sh.HEADS, sh.EMBED), name="to_out_0", **kw)(out)
         if self.group_norm_groups is not None:
             out = out.reshape(spatial) + residual
         return out

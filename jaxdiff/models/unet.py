@@ -29,7 +29,6 @@ Dtype = Any
 _part = nn.with_logical_partitioning
 CROSS_DOWN, DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, UP = "CrossAttnUpBlock2D", "UpBlock2D"
-REFINER_HEAD_DIM = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +68,6 @@ class UNetConfig:
     # Fourier features (F octaves, sin and cos) to conv_in's output, so that the UNet knows where it is
     # even when its input is pure noise (CoordConv; a convolution sees position only through its padding)
     position_embedding: int = 0
-    # jaxdiff's extension, not in diffusers: N > 0 runs the text states through N bidirectional
-    # self-attention layers (ContextRefiner) before any cross-attention. A causal CLIP tower leaves the
-    # first words blind to the ones after them ("a red circle" knows nothing of "to the left of a blue
-    # square"); T5 (Imagen) and GLIDE's text transformer see the whole caption from every word
-    context_refiner: int = 0
 
     @property
     def time_embed_dim(self) -> int:
@@ -112,15 +106,6 @@ class UNetConfig:
                 f"UNetConfig.addition_embed_type_num_heads: cross_attention_dim "
                 f"{self.cross_attention_dim} does not split into {self.addition_embed_type_num_heads} heads"
             )
-        if self.context_refiner < 0:
-            raise ValueError(
-                f"UNetConfig.context_refiner must be >= 0 layers, got {self.context_refiner}"
-            )
-        if self.context_refiner and self.cross_attention_dim % REFINER_HEAD_DIM:
-            raise ValueError(
-                f"UNetConfig.context_refiner: cross_attention_dim {self.cross_attention_dim} is not a "
-                f"multiple of the refiner's head width {REFINER_HEAD_DIM}"
-            )
         bad = set(self.down_block_types) - {CROSS_DOWN, DOWN} | set(self.up_block_types) - {
             CROSS_UP,
             UP,
@@ -155,19 +140,6 @@ PRESETS = {
         norm_num_groups=8,
         sample_size=16,
     ),
-    # `shapes` with a fourth level at 2 x 2 (configs/ldm_shapes_deep.py grows it from a `shapes` UNet): at
-    # 2 x 2 every position is a corner, so the zero padding tells each one where it is
-    "shapes_deep": UNetConfig(
-        block_out_channels=(48, 96, 192, 192),
-        down_block_types=(DOWN, CROSS_DOWN, CROSS_DOWN, CROSS_DOWN),
-        up_block_types=(CROSS_UP, CROSS_UP, CROSS_UP, UP),
-        layers_per_block=1,
-        num_attention_heads=(4, 4, 8, 8),
-        transformer_layers_per_block=(1, 1, 1, 1),
-        cross_attention_dim=128,
-        norm_num_groups=8,
-        sample_size=16,
-    ),
     "sd15": UNetConfig(),
     "sd21": UNetConfig(
         num_attention_heads=(5, 10, 20, 20),
@@ -195,7 +167,6 @@ PRESETS = {
 class FeedForward(nn.Module):
     """GEGLU: net.0.proj maps to 2 x 4C, its second half gates the first through an exact GELU; net.2 back."""
 
-    out_scale: float = 1.0  # net.2's init scale (0: a zero-initialised residual branch)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -204,7 +175,7 @@ class FeedForward(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         width = x.shape[-1]
         h, gate = jnp.split(_Proj(8 * width, name="net_0", **kw)(x), 2, axis=-1)
-        return dense(width, (sh.MLP, sh.EMBED), kernel_scale=self.out_scale, name="net_2", **kw)(
+        return dense(width, (sh.MLP, sh.EMBED), name="net_2", **kw)(
             h * nn.gelu(gate, approximate=False)
         )
 
@@ -240,27 +211,6 @@ class BasicTransformerBlock(nn.Module):
         x = x + attn("attn2")(layer_norm(name="norm2", **kw)(x), context)
         x = x + FeedForward(name="ff", **kw)(layer_norm(name="norm3", **kw)(x))
         return constrain(x, sh.BATCH, sh.LENGTH, sh.EMBED)
-
-
-class ContextRefiner(nn.Module):
-    """Bidirectional pre-LayerNorm transformer layers over the text states [B, S, D] (``layers_N``: norm1,
-    attn1, norm3, ff, as a BasicTransformerBlock without cross-attention). Each residual branch starts at
-    zero (to_out and net.2 zero-initialised), so a refiner added to a trained UNet leaves its output
-    unchanged until training moves it."""
-
-    layers: int
-    upcast: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, context):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        width = context.shape[-1]
-        for i in range(self.layers):
-            block = _RefinerBlock(width // REFINER_HEAD_DIM, self.upcast, name=f"layers_{i}", **kw)
-            context = block(context)
-        return context
 
 
 class TextTimeEmbedding(nn.Module):
@@ -307,23 +257,6 @@ class AttentionPooling(nn.Module):
         logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(d // self.heads)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, d)
-
-
-class _RefinerBlock(nn.Module):
-    heads: int
-    upcast: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = layer_norm(name="norm1", **kw)(x)
-        x = x + Attention(
-            self.heads, REFINER_HEAD_DIM, upcast=self.upcast, out_scale=0.0, name="attn1", **kw
-        )(h)
-        x = x + FeedForward(out_scale=0.0, name="ff", **kw)(layer_norm(name="norm3", **kw)(x))
-        return constrain(x, sh.BATCH, sh.LENGTH, sh.EMBED)
 
 
 class Transformer2D(nn.Module):
@@ -484,13 +417,9 @@ class UNet(nn.Module):
                 aug.astype(self.dtype)
             )
         context = context.astype(self.dtype)
-        if cfg.addition_embed_type == "text":  # reads the text states before any refiner
+        if cfg.addition_embed_type == "text":
             temb = temb + TextTimeEmbedding(
                 cfg.time_embed_dim, cfg.addition_embed_type_num_heads, name="add_embedding", **kw
-            )(context)
-        if cfg.context_refiner:
-            context = ContextRefiner(
-                cfg.context_refiner, cfg.upcast_attention, name="context_refiner", **kw
             )(context)
         n = len(cfg.block_out_channels)
 
@@ -541,33 +470,14 @@ class UNet(nn.Module):
         return conv(cfg.out_channels, name="conv_out", **kw)(x)
 
 
-def grow_params(
-    old: dict, old_config: UNetConfig, fresh: dict, new_config: UNetConfig
-) -> tuple[dict, int, int]:
-    """A deeper UNet's params started from a shallower one's (progressive growing): ``new_config`` adds
-    levels below ``old_config``'s (its first blocks' channels equal the old ones). Down block i and the
-    mid block keep their names; up block i of the old UNet is up block i + (added levels) of the new one,
-    since up blocks count from the bottom. Every leaf found there with the same shape is copied, the
-    rest (the new levels, the downsampler the old last level lacked) keep ``fresh``'s init.
-    Returns (params, leaves copied, leaves new)."""
-    added = len(new_config.block_out_channels) - len(old_config.block_out_channels)
-    if (
-        added < 0
-        or new_config.block_out_channels[: len(old_config.block_out_channels)]
-        != old_config.block_out_channels
-    ):
-        raise ValueError(
-            f"grow_params: {new_config.block_out_channels} does not extend "
-            f"{old_config.block_out_channels} by levels below it"
-        )
-
+def grow_params(old: dict, fresh: dict) -> tuple[dict, int, int]:
+    """A UNet's params with jaxdiff's extensions added, resized or removed, started from a trained one's:
+    every leaf of ``fresh`` (an init of the new config) found in ``old`` at the same path with the same
+    shape is copied, the rest keep ``fresh``'s init. Returns (params, leaves copied, leaves new)."""
     flat_old = traverse_util.flatten_dict(old)
     out, copied = {}, 0
     for path, leaf in traverse_util.flatten_dict(fresh).items():
-        top = path[0]
-        if top.startswith("up_blocks_"):
-            top = f"up_blocks_{int(top.rsplit('_', 1)[1]) - added}"
-        src = flat_old.get((top,) + path[1:])
+        src = flat_old.get(path)
         if src is not None and src.shape == leaf.shape:
             leaf, copied = jnp.asarray(src, leaf.dtype), copied + 1
         out[path] = leaf

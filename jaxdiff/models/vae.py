@@ -45,7 +45,7 @@ PRESETS = {
     "tiny": VAEConfig(
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32
     ),
-    # the shapes world: 64 px -> 16 x 16 x 4 latents (configs/vae_shapes.py)
+    # the shapes world: 64 px -> 16 x 16 x 4 latents (configs/shapes_sd/vae.py)
     "shapes": VAEConfig(
         block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64
     ),

@@ -74,17 +74,25 @@ def config_file(name: str) -> Path:
     )
 
 
+def shapes_options(data) -> dict:
+    """`data.shapes` of a config (kinds, canonical, shared), as `pl.open_source` takes them."""
+    shapes = data.get("shapes")
+    return {} if shapes is None else {k: v for k, v in shapes.to_dict().items() if v}
+
+
 def load_config(spec: str):
     """``path.py[:arg]`` -> the locked ConfigDict of its get_config(arg)."""
     name, _, arg = spec.partition(":")
     path = config_file(name)
     mod_spec = importlib.util.spec_from_file_location(f"jaxdiff_config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(mod_spec)
-    sys.path.insert(0, str(Path(path).resolve().parent))  # configs import their shared `common`
+    # configs import their shared `common` from their folder or the one above (configs/shapes_sd/*.py)
+    folders = [str(Path(path).resolve().parent), str(Path(path).resolve().parent.parent)]
+    sys.path[:0] = folders
     try:
         mod_spec.loader.exec_module(module)
     finally:
-        sys.path.pop(0)
+        del sys.path[: len(folders)]
     if not hasattr(module, "get_config"):
         raise SystemExit(f"jaxdiff train: {path} has no get_config(arg)")
     config = module.get_config(arg or None)
@@ -223,57 +231,18 @@ def build(config, mesh=None, rules=None, workdir=None):
         ucfg, vcfg, tcfg = sd.unet_config, sd.vae_config, sd.text_config
         frozen = {"vae": sd.params["vae"], "text_encoder": sd.params["text_encoder"]}
         init = sd.params["unet"]
-        if m.get("unet_preset"):  # grow model_dir's UNet into a deeper preset
-            grown_cfg = preset("unet", m.unet_preset)
-            try:
-                init, copied, fresh = grow_params(
-                    init, ucfg, random_params("unet", grown_cfg, 4), grown_cfg
-                )
-            except ValueError as e:
-                raise SystemExit(
-                    f"jaxdiff train: model.unet_preset={m.unet_preset!r}: {e}"
-                ) from None
-            ucfg = grown_cfg
-            print(
-                f"UNet: {m.model_dir}'s grown into the {m.unet_preset!r} preset ({copied} tensors copied, "
-                f"{fresh} new)",
-                flush=True,
-            )
         for field, _, what, unit in UNET_EXTENSIONS:  # add (or resize) jaxdiff's UNet extensions
             value = m.get(f"unet_{field}", None)
             if value is not None and value != getattr(ucfg, field):
                 new_cfg = _with_unet(ucfg, field, value)
-                init, copied, fresh = grow_params(
-                    init, ucfg, random_params("unet", new_cfg, 4), new_cfg
-                )
+                init, copied, fresh = grow_params(init, random_params("unet", new_cfg, 4))
                 ucfg = new_cfg
                 print(f"UNet: {what} of {value} {unit} ({fresh} new tensors)", flush=True)
-        heads = m.get("unet_text_pooling", None)
-        if heads is not None and heads != _text_pooling_heads(ucfg):
-            new_cfg = _with_text_pooling(ucfg, heads)
-            init, copied, fresh = grow_params(
-                init, ucfg, random_params("unet", new_cfg, 4), new_cfg
-            )
-            if "add_embedding" in init and "add_embedding" not in sd.params["unet"]:
-                # the new pooled-text branch adds exactly zero to the time embedding until it trains
-                init["add_embedding"]["norm2"] = jax.tree.map(
-                    jax.numpy.zeros_like, init["add_embedding"]["norm2"]
-                )
-            ucfg = new_cfg
-            print(
-                f"UNet: pooled text added to the time embedding, {heads} heads ({fresh} new tensors, "
-                "the branch zero at the start)"
-                if heads
-                else "UNet: pooled text removed",
-                flush=True,
-            )
     else:
         ucfg, vcfg = preset("unet", m.preset), preset("vae", m.preset)
         for field, *_ in UNET_EXTENSIONS:
             if m.get(f"unet_{field}", None) is not None:
                 ucfg = _with_unet(ucfg, field, m[f"unet_{field}"])
-        if m.get("unet_text_pooling", None):
-            ucfg = _with_text_pooling(ucfg, m.unet_text_pooling)
         frozen = {"vae": random_params("vae", vcfg, 1)}
         if not m.get("text_encoder"):
             tcfg = preset("text_encoder", m.preset)
@@ -323,7 +292,11 @@ def build(config, mesh=None, rules=None, workdir=None):
         factor = m.scaling_factor
         if factor == 0:  # 1 / std of the training latents, as SD 1's 0.18215 was chosen
             factor = latent_scaling_factor(
-                vcfg, frozen["vae"], config.data.source, config.data.resolution
+                vcfg,
+                frozen["vae"],
+                config.data.source,
+                config.data.resolution,
+                shapes=shapes_options(config.data),
             )
             print(
                 f"latent scaling factor: {factor:.5f} (1 / std of 1,024 training latents)",
@@ -363,32 +336,6 @@ def _with_unet(ucfg, field, value):
         return dataclasses.replace(ucfg, **{field: int(value)})
     except ValueError as e:
         raise SystemExit(f"jaxdiff train: model.unet_{field}={value!r}: {e}") from None
-
-
-def _text_pooling_heads(ucfg) -> int:
-    return ucfg.addition_embed_type_num_heads if ucfg.addition_embed_type == "text" else 0
-
-
-def _with_text_pooling(ucfg, heads):
-    """``ucfg`` with DeepFloyd IF's pooled text added to the time embedding (``addition_embed_type="text"``,
-    ``heads`` attention-pooling heads; 0 removes it), from ``model.unet_text_pooling``."""
-    if ucfg.addition_embed_type not in (None, "text"):
-        raise SystemExit(
-            f"jaxdiff train: model.unet_text_pooling: the UNet already adds "
-            f"{ucfg.addition_embed_type!r} to its time embedding"
-        )
-    if not isinstance(heads, int) or heads < 0:
-        raise SystemExit(
-            f"jaxdiff train: model.unet_text_pooling={heads!r}: expected a number of heads >= 0"
-        )
-    try:
-        return dataclasses.replace(
-            ucfg,
-            addition_embed_type="text" if heads else None,
-            addition_embed_type_num_heads=heads or 64,
-        )
-    except ValueError as e:
-        raise SystemExit(f"jaxdiff train: model.unet_text_pooling={heads!r}: {e}") from None
 
 
 def clip_tokenizer(kind: str, folder, max_length: int):
@@ -504,16 +451,6 @@ def main(argv=None):
     mesh = sh.make_mesh(tuple(config.mesh.shape))
     if (
         config.task == "ldm"
-        and config.ldm.get("stable_target")
-        and pl.renders_per_caption(config.data.source) < 2
-    ):
-        raise SystemExit(
-            f"jaxdiff train: ldm.stable_target averages the targets of several renders of one caption "
-            f"in a batch, and data.source {config.data.source!r} has one per caption: use "
-            "shapes_world_memory:N:...,renders=K (K >= 2)"
-        )
-    if (
-        config.task == "ldm"
         and config.ldm.get("text_token_loss")
         and not config.ldm.get("train_text_encoder")
     ):
@@ -521,7 +458,12 @@ def main(argv=None):
             f"jaxdiff train: ldm.text_token_loss={config.ldm.text_token_loss} trains the text encoder's "
             "states: set ldm.train_text_encoder=True (or the loss to 0)"
         )
-    source = pl.open_source(config.data.source, resolution=config.data.resolution)
+    try:
+        source = pl.open_source(
+            config.data.source, resolution=config.data.resolution, **shapes_options(config.data)
+        )
+    except ValueError as e:
+        raise SystemExit(f"jaxdiff train: data: {e}") from None
     fingerprint = {
         k: v for k, v in _flatten(json_safe(config.to_dict())).items() if k not in RESUMABLE_KEYS
     }

@@ -32,12 +32,18 @@ RANDOM_TEXT = "random"  # model.text_encoder: a new tower, trained with the UNet
 
 
 def latent_scaling_factor(
-    vae_config, vae_params, source: str, resolution: int, n: int = 1024, seed: int = 0
+    vae_config,
+    vae_params,
+    source: str,
+    resolution: int,
+    n: int = 1024,
+    seed: int = 0,
+    shapes: dict | None = None,
 ) -> float:
-    """1 / std of VAE latents z ~ q(z | x) over the first ``n`` images of ``source`` (the rule that gave
-    SD 1's 0.18215): scaled latents have unit variance, which the noise schedule assumes."""
-
-    src = pl.open_source(source, resolution=resolution)
+    """1 / std of VAE latents z ~ q(z | x) over the first ``n`` images of ``source`` (opened with the
+    ``shapes`` options of ``pl.open_source``; the rule that gave SD 1's 0.18215): scaled latents have unit
+    variance, which the noise schedule assumes."""
+    src = pl.open_source(source, resolution=resolution, **(shapes or {}))
     decode = pl.DecodeExample(resolution)
     images = []
     for i in range(min(n, len(src))):
@@ -161,7 +167,10 @@ def export_vae(workdir, out, overwrite: bool = False) -> float:
     config, params = load_vae(workdir)
     run = json.loads((Path(workdir) / "config.json").read_text())
     run = run.get("config", run)
-    factor = latent_scaling_factor(config, params, run["data"]["source"], run["data"]["resolution"])
+    data = run["data"]
+    factor = latent_scaling_factor(
+        config, params, data["source"], data["resolution"], shapes=data.get("shapes")
+    )
     config = dataclasses.replace(
         config, scaling_factor=factor, sample_size=run["data"]["resolution"]
     )

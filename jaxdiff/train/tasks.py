@@ -12,13 +12,13 @@ from flax import linen as nn
 
 from jaxdiff import sharding as sh
 from jaxdiff.convert.diffusers import COMPONENTS
-from jaxdiff.diffusion import guidance as G
-from jaxdiff.diffusion import samplers as SM
 from jaxdiff.diffusion import schedules as S
 from jaxdiff.models import clip as clip_lib
 from jaxdiff.models.text import TextTransformer, eos_index
 from jaxdiff.models.unet import UNet
 from jaxdiff.models.vae import AutoencoderKL, scale_latents
+from jaxdiff.pipelines import stable_diffusion as SD
+from jaxdiff.pipelines.params import SamplingParams
 from jaxdiff.train import contrastive
 from jaxdiff.train.export import scheduler_config
 from jaxdiff.train.step import Task
@@ -48,11 +48,6 @@ class LDMConfig:
     # scripts call this a "later" timestep bias): the noisiest steps, where the prompt alone decides the layout
     timestep_bias_portion: float = 0.0
     timestep_bias_begin: int = 0
-    # Xu et al. 2023's stable target field: the x0 in the target is the posterior-weighted mean of the batch's
-    # latents with the same prompt (`stable_target_x0`), not the example's own. Needs batches holding several
-    # renders per caption (`shapes_world_memory:N:...,renders=K`): at high noise, where one render is a poor
-    # guess of E[z0 | caption], the target averages over them
-    stable_target: bool = False
     # > 0 (needs train_text_encoder): add this times a token-identity loss on the trained text encoder: each
     # prompt token, up to the first end token, decoded from its last hidden state by the tower's own token
     # embedding (tied weights, cross-entropy). Trained with a UNet that does not use a word yet, the tower is
@@ -96,22 +91,6 @@ def sample_timesteps(key, n: int, cfg: LDMConfig):
     return t
 
 
-def stable_target_x0(z0, x_t, alpha_bar, same):
-    """The stable target field's x0 (Xu et al. 2023): for each example i, the mean of the references z0_j
-    (j with ``same[i, j]``; i itself always) weighted by p(x_t_i | z0_j) = N(sqrt(ab_i) z0_j, (1 - ab_i) I),
-    i.e. by softmax_j(-|x_t_i - sqrt(ab_i) z0_j|^2 / (2 (1 - ab_i))). Near t = 0 that is z0_i itself;
-    near pure noise the references' mean. z0, x_t [B, ...], alpha_bar [B], same [B, B] bool.
-    Returns (x0 [B, ...], the weight each example gives itself [B])."""
-    b = z0.shape[0]
-    z, x = z0.reshape(b, -1).astype(jnp.float32), x_t.reshape(b, -1).astype(jnp.float32)
-    ab = alpha_bar.astype(jnp.float32)[:, None]
-    d = jnp.sum(x**2, 1)[:, None] - 2 * jnp.sqrt(ab) * (x @ z.T) + ab * jnp.sum(z**2, 1)[None, :]
-    logits = -d / (2 * (1 - ab))
-    mask = same | jnp.eye(b, dtype=bool)
-    w = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=1)
-    return (w @ z).reshape(z0.shape).astype(z0.dtype), jnp.diagonal(w)
-
-
 def text_token_ce(states, ids, embedding, text_config):
     """Mean cross-entropy of each token of ``ids`` [B, T] (up to and including the first end token) decoded
     from its state [B, T, D] by the token embedding [V, D] (tied logits ``states @ embedding.T``)."""
@@ -132,10 +111,12 @@ def ldm_task(
     init_params=None,
     sample_ids: np.ndarray | None = None,
     sample_resolution: int = 32,
-    sample_steps: int = 20,
-    sample_guidance: float = 3.0,
+    sample_params: SamplingParams | None = None,
 ) -> Task:
     """The UNet of a latent diffusion model; ``frozen`` = {"vae": ..., "text_encoder": ...} params.
+
+    sample_ids: prompts' tokens [N, 77] for a sample grid (``Task.sample``) of sample_resolution px,
+    drawn by the pipeline's own sampler with ``sample_params`` (default DDIM, 20 steps, w = 3).
 
     init_params: start from these (fine-tuning a checkpoint) instead of a random init; they are
     boxed with the UNet's logical axis names so they shard like a fresh init.
@@ -226,19 +207,6 @@ def ldm_task(
         x_t = jnp.sqrt(ab) * z0 + jnp.sqrt(1 - ab) * eps
         out = unet.apply({"params": unet_params}, x_t, t, ctx).astype(jnp.float32)
         # 4. the target, and per-sample mean squared error
-        metrics = {}
-        if cfg.stable_target:
-            # references: the batch's examples with the same prompt, none for the dropped (empty) ones
-            same = (
-                jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
-                & ~drop[:, None]
-                & ~drop[None, :]
-            )
-            z0_hat, self_weight = stable_target_x0(z0, x_t, ab[:, 0, 0, 0], same)
-            z0_hat = jax.lax.stop_gradient(z0_hat)
-            eps = (x_t - jnp.sqrt(ab) * z0_hat) / jnp.sqrt(1 - ab)  # the noise that target implies
-            z0 = z0_hat
-            metrics["stf_self_weight"] = jnp.mean(self_weight)
         target = {
             "epsilon": eps,
             "sample": z0,
@@ -253,7 +221,7 @@ def ldm_task(
             w = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[
                 cfg.prediction_type
             ]
-        total = jnp.mean(w * mse)
+        total, metrics = jnp.mean(w * mse), {}
         if cfg.text_token_loss > 0:
             ce = text_token_ce(
                 ctx, ids, text_params["embeddings"]["token_embedding"]["embedding"], text_config
@@ -264,30 +232,22 @@ def ldm_task(
 
     sample = None
     if sample_ids is not None:
-        ddim = S.resolve(scheduler_config(cfg), "ddim")
-        plan = SM.make_plan(ddim, sample_steps)
+        sp = sample_params or SamplingParams(steps=20, guidance=3.0, sampler="ddim")
+        sp = sp.replace(height=sample_resolution, width=sample_resolution)
+        modules = SD.Modules(unet_config, vae_config, text_config, dt)
+        plan = SD.make_sampling_plan(sp, modules, scheduler_config(cfg))  # checked here, not in jit
         prompts = jnp.asarray(sample_ids, jnp.int32)
-        lat = (
-            prompts.shape[0],
-            sample_resolution // vae_config.downscale,
-            sample_resolution // vae_config.downscale,
-            unet_config.in_channels,
-        )
+        negatives = jnp.broadcast_to(uncond, prompts.shape)
 
         def sample(params, frozen, key):
-            """Sample grid: the fixed prompts, DDIM, classifier-free guidance (the sampling code's)."""
+            """Sample grid: the fixed prompts through the pipeline's sampler (jittable, no host work)."""
             unet_params, text_params = split(params, frozen)
-            encode = lambda ids: text.apply({"params": text_params}, ids)["last_hidden_state"]  # noqa: E731
-            ctx_c, ctx_u = encode(prompts), encode(jnp.broadcast_to(uncond, prompts.shape))
-            model = lambda x, t, c: unet.apply({"params": unet_params}, x, t, c).astype(jnp.float32)  # noqa: E731
-            denoise = G.classifier_free(model, ctx_c, ctx_u, sample_guidance)
-            x = SM.sample(denoise, ddim, plan.arrays, jax.random.normal(key, lat))
-            img = vae.apply(
-                {"params": frozen["vae"]},
-                x / vae_config.scaling_factor,
-                method=AutoencoderKL.decode,
-            )
-            return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+            weights = {"unet": unet_params, "vae": frozen["vae"], "text_encoder": text_params}
+            n = prompts.shape[0]
+            # the loop passes the same key every time: the same noise, grid after grid
+            noise = jax.random.normal(key, (n,) + plan.latent_shape)
+            keys = jax.random.split(key, n)  # a stochastic sampler's step noise
+            return SD.sample_images(modules, plan, weights, prompts, negatives, keys, latents=noise)
 
     return Task("ldm", init, loss, frozen=frozen, sample=sample)
 
