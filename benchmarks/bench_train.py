@@ -44,7 +44,7 @@ def bench_train(args) -> dict:
     from jaxdiff.models import text as T
     from jaxdiff.models import unet as U
     from jaxdiff.models import vae as V
-    from jaxdiff.train import tasks
+    from jaxdiff.train import ldm
     from jaxdiff.train.optim import OptimConfig
     from jaxdiff.train.step import init_state, make_train_step
 
@@ -62,8 +62,8 @@ def bench_train(args) -> dict:
     frozen = {"vae": rand("vae", vcfg, 1), "text_encoder": rand("text_encoder", tcfg, 2)}
     ids = np.full((77,), 49407, np.int32)
     ids[0] = 49406
-    task = tasks.ldm_task(
-        tasks.LDMConfig(compute_dtype=args.dtype, remat=args.remat), ucfg, vcfg, tcfg, frozen, ids
+    task = ldm.ldm_task(
+        ldm.LDMConfig(compute_dtype=args.dtype, remat=args.remat), ucfg, vcfg, tcfg, frozen, ids
     )
     optim = OptimConfig(learning_rate=1e-4, total_steps=1000)
     rng = np.random.default_rng(0)

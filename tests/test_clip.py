@@ -14,9 +14,9 @@ from jax.sharding import PartitionSpec as P
 from jaxdiff import sharding as sh
 from jaxdiff.models import clip as clip_lib
 from jaxdiff.train import contrastive as C
+from jaxdiff.train.clip import CLIPConfigTrain, clip_task
 from jaxdiff.train.optim import OptimConfig
 from jaxdiff.train.step import init_state, make_train_step
-from jaxdiff.train.tasks import CLIPConfigTrain, clip_task
 
 BATCH_AXES = (sh.DATA, sh.FSDP)
 

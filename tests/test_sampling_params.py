@@ -27,7 +27,7 @@ from jaxdiff.pipelines.params import (
     parse_interval,
 )
 from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer
-from jaxdiff.train import tasks
+from jaxdiff.train import ldm
 from jaxdiff.train.export import scheduler_config
 
 # ------------------------------------------------------------------ checks and the dict form
@@ -255,7 +255,7 @@ def tiny(tmp_path_factory):
         for i, (k, (m, c)) in enumerate(modules.items())
     }
     tok = Tokenizer(write_clip_tokenizer(tmp_path_factory.mktemp("tok")))
-    return ucfg, vcfg, tcfg, params, tok, tasks.LDMConfig()
+    return ucfg, vcfg, tcfg, params, tok, ldm.LDMConfig()
 
 
 @pytest.mark.parametrize(
@@ -272,7 +272,7 @@ def test_training_sample_grid_is_the_pipelines_output(tiny, sp):
     ucfg, vcfg, tcfg, params, tok, cfg = tiny
     vcfg = dataclasses.replace(vcfg, scaling_factor=0.6, shift_factor=0.4)
     prompts = ["a red circle", "two blue squares", "a green star"]
-    task = tasks.ldm_task(
+    task = ldm.ldm_task(
         cfg,
         ucfg,
         vcfg,

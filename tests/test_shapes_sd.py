@@ -199,7 +199,7 @@ def test_zero_snr_stage_from_an_exported_model(recipe, tmp_path):
     the zero-terminal-SNR schedule with v-prediction, and exports a model whose scheduler says so and
     which diffusers samples alike (DDIM, trailing spacing, from pure noise)."""
     from jaxdiff.convert.pretrained import load_pretrained
-    from jaxdiff.train import tasks
+    from jaxdiff.train import ldm
 
     train_cli.main(
         [
@@ -226,9 +226,7 @@ def test_zero_snr_stage_from_an_exported_model(recipe, tmp_path):
     assert tuned.vae_config.scaling_factor == base.vae_config.scaling_factor
     _assert_samples_like_diffusers(tmp_path / "sd")
     with pytest.raises(ValueError, match="needs prediction_type v_prediction"):
-        tasks.ldm_task(
-            tasks.LDMConfig(rescale_betas_zero_snr=True), None, None, None, {}, np.zeros(4)
-        )
+        ldm.ldm_task(ldm.LDMConfig(rescale_betas_zero_snr=True), None, None, None, {}, np.zeros(4))
 
 
 def test_random_text_tower_stage(recipe, tmp_path):

@@ -272,7 +272,7 @@ def test_tiny_ldm_overfits_one_batch():
     from jaxdiff.models import text as T
     from jaxdiff.models import unet as U
     from jaxdiff.models import vae as V
-    from jaxdiff.train import tasks
+    from jaxdiff.train import ldm
 
     tcfg = dataclasses.replace(T.PRESETS["tiny"], vocab_size=49408)
     mk = lambda m, cfg, seed: nn.unbox(
@@ -291,8 +291,8 @@ def test_tiny_ldm_overfits_one_batch():
     }
     ids = np.full((77,), 49407, np.int32)
     ids[0] = 49406
-    task = tasks.ldm_task(
-        tasks.LDMConfig(cond_dropout=0.0, beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+    task = ldm.ldm_task(
+        ldm.LDMConfig(cond_dropout=0.0, beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
         U.PRESETS["tiny"],
         V.PRESETS["tiny"],
         tcfg,
@@ -365,7 +365,7 @@ def test_remat_gives_the_same_gradients():
 
 def test_text_token_ce_decodes_each_prompt_token_up_to_the_end_token():
     from jaxdiff.models.text import PRESETS
-    from jaxdiff.train.tasks import text_token_ce
+    from jaxdiff.train.ldm import text_token_ce
 
     tcfg = dataclasses.replace(PRESETS["tiny"], vocab_size=7, eos_token_id=6)
     rng = np.random.default_rng(0)
@@ -385,13 +385,13 @@ def test_text_token_ce_decodes_each_prompt_token_up_to_the_end_token():
 def test_text_token_loss_adds_its_weighted_term_and_needs_a_trained_text_encoder():
     from jaxdiff.models import unet as U
     from jaxdiff.models import vae as V
-    from jaxdiff.train import tasks
+    from jaxdiff.train import ldm
 
     frozen, tcfg, ids = _tiny_ldm_parts()
     with pytest.raises(ValueError, match="text_token_loss .* train_text_encoder"):
-        tasks.ldm_task(tasks.LDMConfig(text_token_loss=0.1), None, None, tcfg, frozen, ids)
-    mk = lambda w: tasks.ldm_task(
-        tasks.LDMConfig(cond_dropout=0.0, train_text_encoder=True, text_token_loss=w),  # noqa: E731
+        ldm.ldm_task(ldm.LDMConfig(text_token_loss=0.1), None, None, tcfg, frozen, ids)
+    mk = lambda w: ldm.ldm_task(
+        ldm.LDMConfig(cond_dropout=0.0, train_text_encoder=True, text_token_loss=w),  # noqa: E731
         U.PRESETS["tiny"],
         V.PRESETS["tiny"],
         tcfg,
@@ -421,7 +421,7 @@ def test_text_token_loss_adds_its_weighted_term_and_needs_a_trained_text_encoder
 
 
 def test_timestep_bias_draws_the_noisiest_steps_more_often():
-    from jaxdiff.train.tasks import LDMConfig, ldm_task, sample_timesteps
+    from jaxdiff.train.ldm import LDMConfig, ldm_task, sample_timesteps
 
     key, n = jax.random.key(0), 20000
     plain = sample_timesteps(key, n, LDMConfig())

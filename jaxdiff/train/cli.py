@@ -36,7 +36,10 @@ from jaxdiff.models import clip as clip_lib
 from jaxdiff.models import text, unet, vae
 from jaxdiff.models.unet import grow_params
 from jaxdiff.tokenizer import Tokenizer, write_clip_tokenizer, write_small_clip_tokenizer
-from jaxdiff.train import loop, tasks
+from jaxdiff.train import clip as clip_task_lib
+from jaxdiff.train import ldm as ldm_task_lib
+from jaxdiff.train import loop
+from jaxdiff.train import vae as vae_task_lib
 from jaxdiff.train.export import RANDOM_TEXT, latent_scaling_factor, write_ldm_record
 from jaxdiff.train.metrics import MetricWriter, json_safe, write_run_info
 from jaxdiff.train.optim import OptimConfig
@@ -187,8 +190,8 @@ def build(config, mesh=None, rules=None, workdir=None):
             vcfg, init = load_vae(m.model_dir)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"jaxdiff train: model.model_dir: {e}") from None
-        return tasks.vae_task(
-            _dataclass(tasks.VAEConfigTrain, dict(config.vae)), vcfg, init_params=init
+        return vae_task_lib.vae_task(
+            _dataclass(vae_task_lib.VAEConfigTrain, dict(config.vae)), vcfg, init_params=init
         ), Tokenizer(clip_vocabulary())
     if m.model_dir:
         sd = load_pretrained(m.model_dir)
@@ -220,8 +223,8 @@ def build(config, mesh=None, rules=None, workdir=None):
 
     if config.task == "vae":
         vcfg = sd.vae_config if sd else preset("vae", m.preset)
-        return tasks.vae_task(
-            _dataclass(tasks.VAEConfigTrain, dict(config.vae)),
+        return vae_task_lib.vae_task(
+            _dataclass(vae_task_lib.VAEConfigTrain, dict(config.vae)),
             vcfg,
             init_params=sd.params["vae"] if sd else None,
         ), tok
@@ -303,7 +306,7 @@ def build(config, mesh=None, rules=None, workdir=None):
                 flush=True,
             )
         vcfg = dataclasses.replace(vcfg, scaling_factor=float(factor))
-    ldm = _dataclass(tasks.LDMConfig, dict(config.ldm))
+    ldm = _dataclass(ldm_task_lib.LDMConfig, dict(config.ldm))
     if workdir is not None and jax.process_index() == 0:
         write_ldm_record(
             workdir,
@@ -317,7 +320,7 @@ def build(config, mesh=None, rules=None, workdir=None):
             model_dir=m.get("model_dir", ""),
         )
     prompts = list(config.get("sample_prompts", ())) or None
-    return tasks.ldm_task(
+    return ldm_task_lib.ldm_task(
         ldm,
         ucfg,
         vcfg,
@@ -370,7 +373,7 @@ def _build_clip(config, mesh, rules, workdir):
         raise SystemExit(
             f"jaxdiff train: model.preset {m.preset!r}: choose one of {sorted(clip_lib.PRESETS)}"
         )
-    train_cfg = _dataclass(tasks.CLIPConfigTrain, dict(config.clip))
+    train_cfg = _dataclass(clip_task_lib.CLIPConfigTrain, dict(config.clip))
     if train_cfg.loss == "sigmoid" and ccfg.logit_bias_init is None:  # SigLIP's initialisation
         ccfg = dataclasses.replace(ccfg, logit_scale_init=math.log(10.0), logit_bias_init=-10.0)
     if config.data.resolution != ccfg.vision.image_size:
@@ -404,7 +407,7 @@ def _build_clip(config, mesh, rules, workdir):
         (Path(workdir) / "clip.json").write_text(
             json.dumps(clip_lib.config_to_dict(ccfg), indent=1)
         )
-    return tasks.clip_task(train_cfg, ccfg, mesh=mesh, rules=rules, init_params=init), tok
+    return clip_task_lib.clip_task(train_cfg, ccfg, mesh=mesh, rules=rules, init_params=init), tok
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff import sharding as sh
+from jaxdiff.convert.diffusers import COMPONENTS
 from jaxdiff.train.optim import OptimConfig, ema_decay_at, ema_update, make_optimizer, schedule
 
 
@@ -159,3 +160,27 @@ def abstract_with_shardings(state, shardings):
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
+
+
+def init_like(module, kind, config, key, init_params=None):
+    """Boxed params (logical axis names) from a smallest-input init, or ``init_params`` in those boxes."""
+
+    return boxed_like(
+        module.init(key, *COMPONENTS[kind].dummy_inputs(config))["params"], init_params
+    )
+
+
+def boxed_like(boxed, init_params=None):
+    """``init_params`` placed in the boxes (logical axis names) of a fresh init; the init itself if None."""
+    if init_params is None:
+        return boxed
+    return jax.tree.map(
+        lambda b, p: b.replace_boxed(jnp.asarray(p, b.value.dtype)),
+        boxed,
+        init_params,
+        is_leaf=lambda b: hasattr(b, "replace_boxed"),
+    )
+
+
+def compute_dtype(name):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]

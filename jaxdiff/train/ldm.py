@@ -1,4 +1,5 @@
-"""Training tasks: the latent-diffusion UNet and the KL-VAE. Each is an init and a loss (``step.Task``)."""
+"""The latent-diffusion UNet task: noise prediction on frozen-VAE latents, conditioned on a text tower
+(frozen or trained with it), with conditioning dropout for classifier-free guidance."""
 
 from __future__ import annotations
 
@@ -8,20 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 
-from jaxdiff import sharding as sh
-from jaxdiff.convert.diffusers import COMPONENTS
 from jaxdiff.diffusion import schedules as S
-from jaxdiff.models import clip as clip_lib
 from jaxdiff.models.text import TextTransformer, eos_index
 from jaxdiff.models.unet import UNet
 from jaxdiff.models.vae import AutoencoderKL, scale_latents
 from jaxdiff.pipelines import stable_diffusion as SD
 from jaxdiff.pipelines.params import SamplingParams
-from jaxdiff.train import contrastive
 from jaxdiff.train.export import scheduler_config
-from jaxdiff.train.step import Task
+from jaxdiff.train.step import Task, compute_dtype, init_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,30 +50,6 @@ class LDMConfig:
     # free to erase it (the shapes-world tower mapped "to the left of" and "to the right of" to one state);
     # this keeps every word's identity in the states the UNet reads
     text_token_loss: float = 0.0
-
-
-def _init_like(module, kind, config, key, init_params=None):
-    """Boxed params (logical axis names) from a smallest-input init, or ``init_params`` in those boxes."""
-
-    return _boxed_like(
-        module.init(key, *COMPONENTS[kind].dummy_inputs(config))["params"], init_params
-    )
-
-
-def _boxed_like(boxed, init_params=None):
-    """``init_params`` placed in the boxes (logical axis names) of a fresh init; the init itself if None."""
-    if init_params is None:
-        return boxed
-    return jax.tree.map(
-        lambda b, p: b.replace_boxed(jnp.asarray(p, b.value.dtype)),
-        boxed,
-        init_params,
-        is_leaf=lambda b: hasattr(b, "replace_boxed"),
-    )
-
-
-def _dtype(name):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 def sample_timesteps(key, n: int, cfg: LDMConfig):
@@ -147,7 +119,7 @@ def ldm_task(
             f"text_token_loss must be >= 0 and needs train_text_encoder=True (it trains the text "
             f"encoder), got {cfg.text_token_loss} with train_text_encoder={cfg.train_text_encoder}"
         )
-    dt = _dtype(cfg.compute_dtype)
+    dt = compute_dtype(cfg.compute_dtype)
     unet = UNet(unet_config, remat=cfg.remat, dtype=dt)
     vae = AutoencoderKL(vae_config)
     text = TextTransformer(text_config)
@@ -166,13 +138,13 @@ def ldm_task(
     train_text = cfg.train_text_encoder
 
     def init(key):
-        u = _init_like(unet, "unet", unet_config, key, init_params)
+        u = init_like(unet, "unet", unet_config, key, init_params)
         if not train_text:
             return u
         # the text encoder starts from the given one (e.g. a CLIP's text tower) and trains with the UNet
         return {
             "unet": u,
-            "text_encoder": _init_like(
+            "text_encoder": init_like(
                 text, "text_encoder", text_config, key, frozen["text_encoder"]
             ),
         }
@@ -250,136 +222,3 @@ def ldm_task(
             return SD.sample_images(modules, plan, weights, prompts, negatives, keys, latents=noise)
 
     return Task("ldm", init, loss, frozen=frozen, sample=sample)
-
-
-@dataclasses.dataclass(frozen=True)
-class VAEConfigTrain:
-    reconstruction: str = "l1"  # l1 | l2
-    kl_weight: float = 1e-6
-    compute_dtype: str = "float32"
-    disc_start: int = -1  # >= 0: a patch discriminator joins at this step (-1: none)
-    disc_weight: float = 0.5  # weight of the generator's adversarial term
-    disc_channels: int = 64
-    disc_layers: int = 3
-    logvar_init: float = 0.0  # != 0: the posterior's initial log-variance (quant_conv's bias)
-
-
-class PatchDiscriminator(nn.Module):
-    """PatchGAN (Isola et al. 2017): strided 4x4 convs -> one real/fake logit per image patch."""
-
-    channels: int = 64
-    layers: int = 3
-
-    @nn.compact
-    def __call__(self, x):  # [B, H, W, 3] -> [B, h, w, 1]
-        for i in range(self.layers):
-            x = nn.Conv(self.channels * 2**i, (4, 4), strides=2, padding=1, name=f"conv_{i}")(x)
-            if i:
-                x = nn.GroupNorm(num_groups=min(32, self.channels * 2**i // 4), name=f"norm_{i}")(x)
-            x = nn.leaky_relu(x, 0.2)
-        return nn.Conv(1, (4, 4), padding=1, name="logits")(x)
-
-
-def vae_task(cfg: VAEConfigTrain, vae_config, init_params=None) -> Task:
-    """The KL-VAE: reconstruction (L1 or L2, per pixel) + kl_weight * KL(q(z|x) || N(0, I)) per pixel,
-    and with ``disc_start`` >= 0 a hinge-loss patch discriminator from that step on (Esser et al. 2021).
-
-    With the discriminator, params are {"vae": ..., "disc": ...} and one optimiser step updates both:
-    the VAE's loss sees the discriminator through stop_gradient and vice versa, so each part only
-    gets the gradient of its own objective."""
-    if cfg.reconstruction not in ("l1", "l2"):
-        raise ValueError(f"reconstruction must be l1 or l2, got {cfg.reconstruction!r}")
-    vae = AutoencoderKL(vae_config, dtype=_dtype(cfg.compute_dtype))
-    disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers) if cfg.disc_start >= 0 else None
-
-    def init(key):
-        params = _init_like(vae, "vae", vae_config, key, init_params)
-        if init_params is None and cfg.logvar_init and vae_config.use_quant_conv:
-            # start with a narrow posterior: with log-variance ~0 the sampled latents are mostly noise and
-            # Adam needs ~|logvar| / lr steps to shrink it (measured: 19.5 dB vs 26.7 dB after 300 steps)
-            bias = params["quant_conv"]["bias"]
-            params["quant_conv"]["bias"] = bias.replace_boxed(
-                bias.value.at[vae_config.latent_channels :].set(cfg.logvar_init)
-            )
-        if disc is None:
-            return params
-        size = 2 ** (cfg.disc_layers + 2)
-        return {
-            "vae": params,
-            "disc": disc.init(jax.random.fold_in(key, 7), jnp.zeros((1, size, size, 3)))["params"],
-        }
-
-    def loss(params, frozen, batch, key, step):
-        x = batch["image"]  # [B, H, W, 3] in [-1, 1]
-        vae_params = params["vae"] if disc is not None else params
-        recon, post = vae.apply({"params": vae_params}, x, key)
-        recon = recon.astype(jnp.float32)
-        err = jnp.abs(recon - x) if cfg.reconstruction == "l1" else (recon - x) ** 2
-        rec = jnp.mean(err)
-        kl = jnp.mean(post.kl()) / np.prod(x.shape[1:3])  # per pixel, like rec
-        total, metrics = rec + cfg.kl_weight * kl, {"reconstruction": rec, "kl": kl}
-        if disc is not None:
-            on = (step >= cfg.disc_start).astype(jnp.float32)  # warm-up: reconstruction only
-            d = lambda p, img: disc.apply({"params": p}, img)  # noqa: E731
-            g_loss = -jnp.mean(d(jax.lax.stop_gradient(params["disc"]), recon))
-            real, fake = d(params["disc"], x), d(params["disc"], jax.lax.stop_gradient(recon))
-            d_loss = jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake))  # hinge
-            total = total + on * (cfg.disc_weight * g_loss + d_loss)
-            metrics.update(g_loss=g_loss, d_loss=d_loss, disc_on=on)
-        return total, metrics
-
-    return Task("vae", init, loss, uses_step=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class CLIPConfigTrain:
-    loss: str = "softmax"  # softmax (CLIP's InfoNCE) | sigmoid (SigLIP; needs logit_bias_init)
-    max_logit_scale: float = 4.6052  # t = exp(s) is clipped at 100, as CLIP does
-    compute_dtype: str = "float32"
-
-
-def clip_task(cfg: CLIPConfigTrain, clip_config, mesh=None, rules=None, init_params=None) -> Task:
-    """CLIP's two towers on (image, caption) batches: images [B, H, W, 3] in [-1, 1], tokens [B, T].
-
-    With a mesh, the loss sees the global batch's negatives across the batch axes of ``rules``
-    (``jaxdiff.train.contrastive``: gathered InfoNCE, or the sigmoid loss on a ring)."""
-
-    if cfg.loss not in contrastive.LOSSES:
-        raise ValueError(f"clip.loss must be one of {contrastive.LOSSES}, got {cfg.loss!r}")
-    if cfg.loss == "sigmoid" and clip_config.logit_bias_init is None:
-        raise ValueError(
-            "clip.loss=sigmoid needs a logit bias: set model.logit_bias_init (SigLIP uses -10)"
-        )
-    model = clip_lib.CLIP(clip_config, dtype=_dtype(cfg.compute_dtype))
-    axes = dict(rules or sh.DATA_PARALLEL).get(sh.BATCH)
-
-    def init(key):
-        return _boxed_like(
-            model.init(key, *clip_lib.dummy_inputs(clip_config))["params"], init_params
-        )
-
-    def loss(params, frozen, batch, key):
-        v = {"params": params}
-        pixels = clip_lib.normalize(
-            batch["image"] / 2 + 0.5, clip_config
-        )  # [-1, 1] -> the tower's input
-        img = clip_lib.l2_normalize(
-            model.apply(v, pixels, method=clip_lib.CLIP.image_features)
-        )  # [B, P]
-        txt = clip_lib.l2_normalize(
-            model.apply(v, batch["tokens"], method=clip_lib.CLIP.text_features)
-        )
-        scale, bias = model.apply(v, method=clip_lib.CLIP.temperature)
-        scale = jnp.minimum(scale, cfg.max_logit_scale)
-        loss, metrics = contrastive.contrastive_loss(
-            img,
-            txt,
-            scale,
-            bias if clip_config.logit_bias_init is not None else None,
-            kind=cfg.loss,
-            mesh=mesh,
-            batch_axes=axes,
-        )
-        return loss, dict(metrics, temperature=jnp.exp(scale), logit_bias=bias)
-
-    return Task("clip", init, loss)
