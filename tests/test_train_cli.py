@@ -98,12 +98,13 @@ def test_config_errors(tmp_path):
             ]
         )
     with pytest.raises(
-        ValueError, match=r"unknown argument 'big' \(known: base, zsnr, .*, bind3, each"
+        SystemExit,
+        match=r"^jaxdiff train: .*unknown argument 'big' \(known: base, zsnr, .*, bind3, each",
     ):
         cli.main(["--config", "configs/shapes_sd/unet.py:big", "--workdir", str(tmp_path)])
-    with pytest.raises(ValueError, match=r"unknown argument 'bind,zsnr'"):
+    with pytest.raises(SystemExit, match=r"unknown argument 'bind,zsnr'"):
         cli.load_config("configs/shapes_sd/unet.py:bind,zsnr")
-    with pytest.raises(ValueError, match=r"sd15_finetune.py takes no argument, got 'big'"):
+    with pytest.raises(SystemExit, match=r"sd15_finetune.py takes no argument, got 'big'"):
         cli.load_config("configs/sd15_finetune.py:big")
     with pytest.raises(
         SystemExit, match=r"config file shapes_sd/nope.py not found.*sd15_finetune.py"

@@ -98,7 +98,10 @@ def load_config(spec: str):
         del sys.path[: len(folders)]
     if not hasattr(module, "get_config"):
         raise SystemExit(f"jaxdiff train: {path} has no get_config(arg)")
-    config = module.get_config(arg or None)
+    try:
+        config = module.get_config(arg or None)
+    except ValueError as e:  # an unknown :ARG, named by the config with the ones it knows
+        raise SystemExit(f"jaxdiff train: {e}") from None
     config.lock()
     return config
 
