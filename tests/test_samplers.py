@@ -1,6 +1,8 @@
 """Every sampler against the matching diffusers scheduler: same model outputs (a fake denoiser
 written in torch and in jax), same noise, the same latents after every model call (fp32)."""
 
+import json
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -166,6 +168,98 @@ CASES = [
 @pytest.mark.parametrize("sampler,cfg,kw", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_sampler_matches_diffusers(sampler, cfg, kw):
     assert_trajectories_match(*run_both(sampler, cfg, **kw))
+
+
+SCHEDULES = [
+    SD,
+    dict(SD, beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+    V_ZSNR,
+    dict(beta_schedule="squaredcos_cap_v2"),
+    dict(SD, num_train_timesteps=4000),
+]
+
+
+@pytest.mark.parametrize("cfg", SCHEDULES)
+def test_schedule_tables_equal_diffusers_bit_for_bit(cfg):
+    """betas and alpha_bar exactly as diffusers computes them (torch's float32 linspace; a cumprod
+    accumulated in float64, rounded to float32)."""
+    ref = diffusers.DDPMScheduler.from_config(cfg)
+    s = S.resolve(cfg, "ddpm")
+    if not cfg.get("rescale_betas_zero_snr"):
+        np.testing.assert_array_equal(S.betas(s), ref.betas.numpy())
+        np.testing.assert_array_equal(S.alphas_cumprod(s), ref.alphas_cumprod.numpy())
+    else:  # the rescale takes square roots, where torch's float32 kernel is not correctly rounded
+        np.testing.assert_allclose(S.alphas_cumprod(s), ref.alphas_cumprod.numpy(), rtol=5e-6)
+
+
+def test_linspace32_is_torchs():
+    rng = np.random.default_rng(0)
+    ends = [
+        (0.00085**0.5, 0.012**0.5),
+        (1e-4, 0.02),
+        *(sorted(rng.uniform(0, 1, 2)) for _ in range(4)),
+    ]
+    for n in (1, 2, 3, 999, 1000, 1001, 4000):
+        for a, b in ends:
+            want = torch.linspace(a, b, n, dtype=torch.float32).numpy()
+            np.testing.assert_array_equal(S.linspace32(a, b, n), want)
+
+
+# 1,000 steps of a 1,000-step schedule visit every timestep (steps_offset 0: SD's 1 would reach t = 1000)
+SD_ALL = dict(SD, steps_offset=0)
+LONG = [
+    ("ddpm", SD_ALL, {}),
+    ("ddpm", dict(SCHEDULES[1], steps_offset=0), {}),
+    ("ddim", SD_ALL, dict(eta=0.5)),
+    ("ddim", V_ZSNR, {}),
+    ("euler", SD_ALL, {}),
+]
+
+
+@pytest.mark.parametrize("sampler,cfg,kw", LONG, ids=[f"{c[0]}-{i}" for i, c in enumerate(LONG)])
+def test_1000_step_schedules_match_diffusers(sampler, cfg, kw):
+    """Every training timestep sampled (float64 tables drifted to 2.4e-5 / 6.5e-5 in the DDPM cases)."""
+    assert_trajectories_match(*run_both(sampler, cfg, n=1000, shape=(1, 4, 4, 4), **kw), tol=1.5e-5)
+
+
+@pytest.mark.parametrize("eta", [None, 0.0, 0.7])
+def test_step_tables_are_diffusers_float32_arithmetic(eta):
+    """DDPM (eta None) and DDIM's per-step coefficients at 1,000 steps against diffusers' float32 scalars
+    (its step's formulas, evaluated here in torch): where 1 - a_t / a_prev cancels (t = 1), float64
+    tables differ by ~1e-4 relative."""
+    cls = diffusers.DDPMScheduler if eta is None else diffusers.DDIMScheduler
+    sch = cls.from_config(SD_ALL)
+    sch.set_timesteps(1000)
+    plan = SM.make_plan(S.resolve(SD_ALL, "ddpm" if eta is None else "ddim"), 1000, eta=eta or 0.0)
+    ab, one = sch.alphas_cumprod, torch.tensor(1.0)
+    want = {k: [] for k in ("x0_coef", "xt_coef", "std")} if eta is None else {"std": [], "dir": []}
+    for t in sch.timesteps.tolist():
+        if eta is None:
+            prev = sch.previous_timestep(t)
+            a_t, a_prev = ab[t], ab[prev] if prev >= 0 else one
+            alpha, beta = a_t / a_prev, 1 - a_t / a_prev
+            want["x0_coef"].append(a_prev**0.5 * beta / (1 - a_t))
+            want["xt_coef"].append(alpha**0.5 * (1 - a_prev) / (1 - a_t))
+            want["std"].append(sch._get_variance(t) ** 0.5 if t > 0 else torch.tensor(0.0))
+        else:
+            prev = t - 1
+            a_prev = ab[prev] if prev >= 0 else sch.final_alpha_cumprod
+            std = eta * sch._get_variance(t, prev) ** 0.5
+            want["std"].append(std)
+            want["dir"].append((1 - a_prev - std**2) ** 0.5)
+    for k, v in want.items():
+        np.testing.assert_allclose(
+            np.asarray(plan.arrays[k]), torch.stack(v).numpy(), rtol=1e-6, err_msg=k
+        )
+
+
+def test_dpm_solvers_saved_variance_type_null_is_read(tmp_path):
+    """DPMSolverMultistepScheduler saves `variance_type: null` (no learned variance): every sampler reads it."""
+    diffusers.DPMSolverMultistepScheduler.from_config(SD).save_config(tmp_path)
+    cfg = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert cfg["variance_type"] is None
+    for sampler in S.SAMPLERS:
+        assert S.resolve(cfg, sampler).variance_type == "fixed_small"
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,8 @@ def resolve(config: dict | None, sampler: str | None = None, **overrides) -> Sch
         values["use_karras_sigmas"] = True
     if values["trained_betas"] is not None:
         values["trained_betas"] = tuple(float(b) for b in values["trained_betas"])
+    if values["variance_type"] is None:  # DPM-Solver's saved default: no learned variance
+        values["variance_type"] = "fixed_small"
     if values["lambda_min_clipped"] is None:
         values["lambda_min_clipped"] = -math.inf
     for key, allowed in _SUPPORTED.items():
@@ -203,15 +205,30 @@ def _alpha_bar_cosine(t: float) -> float:
     return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
 
+def linspace32(start: float, end: float, n: int) -> np.ndarray:
+    """``torch.linspace(start, end, n, dtype=torch.float32)`` bit for bit: float32 ends and step, each
+    value one fused multiply-add from the nearer end (numpy's float64 linspace differs by an ulp in about
+    a quarter of the entries)."""
+    lo, hi = np.float32(start), np.float32(end)
+    if n == 1:
+        return np.array([lo], np.float32)
+    step = np.float32((hi - lo) / np.float32(n - 1))
+    i = np.arange(n)
+    # an fma rounds once: the float64 product of a float32 and an index below 2**29 is exact
+    up = (np.float64(lo) + np.float64(step) * i).astype(np.float32)
+    down = (np.float64(hi) - np.float64(step) * (n - 1 - i)).astype(np.float32)
+    return np.where(i < n // 2, up, down)
+
+
 def betas(s: Schedule) -> np.ndarray:
-    """[T] float32 betas, as diffusers computes them (float32 linspace, squared for scaled_linear)."""
+    """[T] float32 betas, as diffusers computes them (torch's float32 linspace, squared for scaled_linear)."""
     n = s.num_train_timesteps
     if s.trained_betas is not None:
         b = np.asarray(s.trained_betas, np.float32)
     elif s.beta_schedule == "linear":
-        b = np.linspace(s.beta_start, s.beta_end, n, dtype=np.float32)
+        b = linspace32(s.beta_start, s.beta_end, n)
     elif s.beta_schedule == "scaled_linear":
-        b = np.linspace(s.beta_start**0.5, s.beta_end**0.5, n, dtype=np.float32) ** 2
+        b = linspace32(s.beta_start**0.5, s.beta_end**0.5, n) ** 2
     else:  # squaredcos_cap_v2 (Nichol & Dhariwal's cosine schedule)
         b = np.array(
             [
@@ -226,19 +243,26 @@ def betas(s: Schedule) -> np.ndarray:
 
 
 def rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
-    """Lin et al. 2023: shift and scale sqrt(alpha_bar) so that the last step has SNR exactly 0."""
-    ab_sqrt = np.sqrt(np.cumprod(1.0 - b.astype(np.float64)))
+    """Lin et al. 2023: shift and scale sqrt(alpha_bar) so that the last step has SNR exactly 0 (in
+    float32, in diffusers' order of operations)."""
+    ab_sqrt = np.sqrt(_cumprod32(1.0 - b.astype(np.float32)))
     first, last = ab_sqrt[0], ab_sqrt[-1]
-    ab_sqrt = (ab_sqrt - last) * first / (first - last)
+    ab_sqrt = (ab_sqrt - last) * (first / (first - last))
     ab = ab_sqrt**2
     alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
-    return (1.0 - alphas).astype(np.float32)
+    return (np.float32(1.0) - alphas).astype(np.float32)
+
+
+def _cumprod32(x: np.ndarray) -> np.ndarray:
+    # torch's float32 cumprod on CPU accumulates in float64 and rounds each prefix to float32; a float32
+    # accumulation drifts ~1e-6 relative over 1,000 steps
+    return np.cumprod(x.astype(np.float64)).astype(np.float32)
 
 
 def alphas_cumprod(s: Schedule, *, sigma_safe: bool = False) -> np.ndarray:
     """[T] float32 alpha_bar_t. ``sigma_safe``: a zero terminal alpha_bar becomes 2**-24, as the
     sigma-space samplers need a finite sigma_max."""
-    ab = np.cumprod(1.0 - betas(s), dtype=np.float32)
+    ab = _cumprod32(1.0 - betas(s))
     if sigma_safe and s.rescale_betas_zero_snr:
         ab = ab.copy()
         ab[-1] = 2.0**-24
